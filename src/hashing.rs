@@ -1,0 +1,313 @@
+//! Content hashing: whole-file MD5 and SHA-256 (what the query commands report) and the SHA-256
+//! of every block (what sync compares), computed in one read. Large files feed MD5 on a second
+//! thread so the two digests run on both cores.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use crate::model::BLOCK_SIZE;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHashes {
+    pub md5: [u8; 16],
+    pub sha256: [u8; 32],
+    pub blocks: Vec<[u8; 32]>,
+    pub size: u64,
+}
+
+/// Files at least this big hash MD5 on a helper thread.
+const PARALLEL_THRESHOLD: u64 = 4 * 1024 * 1024;
+pub const CHUNK: usize = 1024 * 1024;
+
+/// Incremental hasher usable by a receiver as bytes arrive in order.
+pub struct StreamHasher {
+    md5: Md5,
+    sha: Sha256,
+    block: Sha256,
+    block_fill: u64,
+    blocks: Vec<[u8; 32]>,
+    size: u64,
+}
+
+impl Default for StreamHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamHasher {
+    pub fn new() -> Self {
+        StreamHasher {
+            md5: Md5::new(),
+            sha: Sha256::new(),
+            block: Sha256::new(),
+            block_fill: 0,
+            blocks: Vec::new(),
+            size: 0,
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.md5.update(data);
+        self.update_sha(data);
+    }
+
+    fn update_sha(&mut self, mut data: &[u8]) {
+        self.sha.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let room = (BLOCK_SIZE - self.block_fill) as usize;
+            let take = room.min(data.len());
+            self.block.update(&data[..take]);
+            self.block_fill += take as u64;
+            data = &data[take..];
+            if self.block_fill == BLOCK_SIZE {
+                self.blocks
+                    .push(std::mem::take(&mut self.block).finalize().into());
+                self.block_fill = 0;
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> FileHashes {
+        if self.block_fill > 0 {
+            self.blocks.push(self.block.finalize().into());
+        }
+        FileHashes {
+            md5: self.md5.finalize().into(),
+            sha256: self.sha.finalize().into(),
+            blocks: self.blocks,
+            size: self.size,
+        }
+    }
+}
+
+/// MD5 and SHA-256 (+ blocks) on two helper threads, fed chunks in order: a receiver or a
+/// sender hashes at the speed of two cores while its own thread does I/O.
+pub struct Pipeline {
+    md5_tx: Option<mpsc::SyncSender<Arc<Vec<u8>>>>,
+    sha_tx: Option<mpsc::SyncSender<Arc<Vec<u8>>>>,
+    md5_thread: Option<std::thread::JoinHandle<[u8; 16]>>,
+    sha_thread: Option<std::thread::JoinHandle<StreamHasher>>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pipeline {
+    pub fn new() -> Self {
+        let (md5_tx, md5_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+        let (sha_tx, sha_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+        let md5_thread = std::thread::spawn(move || {
+            let mut m = Md5::new();
+            for chunk in md5_rx {
+                m.update(&chunk[..]);
+            }
+            <[u8; 16]>::from(m.finalize())
+        });
+        let sha_thread = std::thread::spawn(move || {
+            let mut h = StreamHasher::new();
+            for chunk in sha_rx {
+                h.update_sha(&chunk);
+            }
+            h
+        });
+        Pipeline {
+            md5_tx: Some(md5_tx),
+            sha_tx: Some(sha_tx),
+            md5_thread: Some(md5_thread),
+            sha_thread: Some(sha_thread),
+        }
+    }
+
+    pub fn feed(&self, chunk: Arc<Vec<u8>>) -> io::Result<()> {
+        let dead = || io::Error::other("hash thread ended early");
+        self.md5_tx
+            .as_ref()
+            .ok_or_else(dead)?
+            .send(chunk.clone())
+            .map_err(|_| dead())?;
+        self.sha_tx
+            .as_ref()
+            .ok_or_else(dead)?
+            .send(chunk)
+            .map_err(|_| dead())
+    }
+
+    pub fn finish(mut self) -> io::Result<FileHashes> {
+        self.md5_tx.take();
+        self.sha_tx.take();
+        let md5 = self
+            .md5_thread
+            .take()
+            .map(|t| t.join())
+            .ok_or_else(|| io::Error::other("md5 thread missing"))?
+            .map_err(|_| io::Error::other("md5 thread panicked"))?;
+        let sha = self
+            .sha_thread
+            .take()
+            .map(|t| t.join())
+            .ok_or_else(|| io::Error::other("sha thread missing"))?
+            .map_err(|_| io::Error::other("sha thread panicked"))?;
+        let mut out = sha.finish();
+        out.md5 = md5;
+        Ok(out)
+    }
+}
+
+/// Read up to `CHUNK` bytes (less only at end of input).
+pub fn read_chunk(r: &mut impl Read, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
+    let mut filled = 0;
+    while filled < size {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+/// Hash everything `r` yields.
+pub fn hash_reader(mut r: impl Read, size_hint: u64) -> io::Result<FileHashes> {
+    if size_hint < PARALLEL_THRESHOLD {
+        let mut h = StreamHasher::new();
+        let mut buf = vec![0u8; CHUNK.min(size_hint.max(4096) as usize + 1)];
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        return Ok(h.finish());
+    }
+    let p = Pipeline::new();
+    loop {
+        let chunk = read_chunk(&mut r, CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        p.feed(Arc::new(chunk))?;
+    }
+    p.finish()
+}
+
+/// Open a regular file without following a symlink at its last component.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Identity of a file's content state as far as metadata can tell; the hash cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+impl StatKey {
+    pub fn of(md: &std::fs::Metadata) -> StatKey {
+        StatKey {
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            inode: md.ino(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a regular file")]
+    NotFile,
+    #[error("file kept changing while it was hashed")]
+    Unstable,
+}
+
+/// Hash a file on disk, retrying if it changes underneath (a writer mid-write): the result always
+/// describes one consistent state, returned with its stat key.
+pub fn hash_file_stable(path: &Path) -> Result<(FileHashes, StatKey), HashError> {
+    for _ in 0..5 {
+        let f = open_nofollow(path)?;
+        let before = f.metadata()?;
+        if !before.is_file() {
+            return Err(HashError::NotFile);
+        }
+        let key = StatKey::of(&before);
+        let hashes = hash_reader(&f, key.size)?;
+        let after = StatKey::of(&f.metadata()?);
+        if after == key && hashes.size == key.size {
+            return Ok((hashes, key));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(HashError::Unstable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(data: &[u8]) -> FileHashes {
+        let blocks = data
+            .chunks(BLOCK_SIZE as usize)
+            .map(|c| <[u8; 32]>::from(Sha256::digest(c)))
+            .collect();
+        FileHashes {
+            md5: Md5::digest(data).into(),
+            sha256: Sha256::digest(data).into(),
+            blocks,
+            size: data.len() as u64,
+        }
+    }
+
+    #[test]
+    fn matches_reference_small_and_big() {
+        for len in [
+            0usize,
+            1,
+            4096,
+            BLOCK_SIZE as usize,
+            BLOCK_SIZE as usize + 1,
+            5 * 1024 * 1024 + 7,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let got = hash_reader(&data[..], len as u64).unwrap();
+            assert_eq!(got, reference(&data), "len {len}");
+            let mut s = StreamHasher::new();
+            for c in data.chunks(1000) {
+                s.update(c);
+            }
+            assert_eq!(s.finish(), reference(&data));
+        }
+    }
+
+    #[test]
+    fn md5_known_value() {
+        let h = hash_reader(&b"hello\n"[..], 6).unwrap();
+        assert_eq!(
+            crate::model::hex(&h.md5),
+            "b1946ac92492d2347c6235b4d2611184"
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! The box's index in SQLite (WAL): one record per path (tombstones included), with the hash
+//! cache key (size, mtime, ctime, inode) so unchanged files are never rehashed, and a sequence
+//! number per change so peers can ask "what changed since N".
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::config::BoxDir;
+use crate::hashing::StatKey;
+use crate::model::{Kind, Record, VersionVector};
+use crate::paths::RelPath;
+
+pub struct Index {
+    conn: Connection,
+}
+
+/// A record with the stat key its hashes were taken at.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub record: Record,
+    pub stat: Option<StatKey>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS files (
+    path        TEXT PRIMARY KEY,
+    kind        INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    mode        INTEGER NOT NULL,
+    target      TEXT,
+    md5         BLOB,
+    sha256      BLOB,
+    blocks      BLOB,
+    version     BLOB NOT NULL,
+    deleted     INTEGER NOT NULL,
+    sequence    INTEGER NOT NULL,
+    modified_by INTEGER NOT NULL,
+    st_size     INTEGER,
+    st_mtime_ns INTEGER,
+    st_ctime_ns INTEGER,
+    st_inode    INTEGER
+);
+CREATE INDEX IF NOT EXISTS files_sequence ON files(sequence);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"#;
+
+fn blob_to_arr<const N: usize>(b: Option<Vec<u8>>) -> Option<[u8; N]> {
+    b.and_then(|v| v.try_into().ok())
+}
+
+fn row_to_stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
+    let path: String = row.get("path")?;
+    let path = RelPath::parse_or_root(&path).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let kind = Kind::from_i64(row.get("kind")?).unwrap_or(Kind::File);
+    let blocks: Option<Vec<u8>> = row.get("blocks")?;
+    let blocks = blocks
+        .map(|b| {
+            b.chunks_exact(32)
+                .filter_map(|c| c.try_into().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let version: Vec<u8> = row.get("version")?;
+    let version: VersionVector = bincode::deserialize(&version).unwrap_or_default();
+    let st_size: Option<i64> = row.get("st_size")?;
+    let stat = match st_size {
+        Some(size) => Some(StatKey {
+            size: size as u64,
+            mtime_ns: row.get("st_mtime_ns")?,
+            ctime_ns: row.get("st_ctime_ns")?,
+            inode: row.get::<_, i64>("st_inode")? as u64,
+        }),
+        None => None,
+    };
+    Ok(Stored {
+        record: Record {
+            path,
+            kind,
+            size: row.get::<_, i64>("size")? as u64,
+            mtime_ns: row.get("mtime_ns")?,
+            mode: row.get::<_, i64>("mode")? as u32,
+            target: row.get("target")?,
+            md5: blob_to_arr(row.get("md5")?),
+            sha256: blob_to_arr(row.get("sha256")?),
+            blocks,
+            version,
+            deleted: row.get::<_, i64>("deleted")? != 0,
+            sequence: row.get::<_, i64>("sequence")? as u64,
+            modified_by: row.get::<_, i64>("modified_by")? as u64,
+        },
+        stat,
+    })
+}
+
+impl Index {
+    pub fn open(b: &BoxDir) -> anyhow::Result<Index> {
+        let path = b.index_path();
+        let conn =
+            Connection::open(&path).with_context(|| format!("opening index {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)
+            .context("creating index schema")?;
+        Ok(Index { conn })
+    }
+
+    /// An in-memory index for tests.
+    pub fn open_in_memory() -> anyhow::Result<Index> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Index { conn })
+    }
+
+    /// The raw connection, for modules that keep their own tables here (sync state).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub fn get(&self, path: &RelPath) -> anyhow::Result<Option<Stored>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM files WHERE path = ?1",
+                params![path.as_str()],
+                row_to_stored,
+            )
+            .optional()?)
+    }
+
+    /// Every record (tombstones too), ordered by path.
+    pub fn all(&self) -> anyhow::Result<Vec<Stored>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM files ORDER BY path")?;
+        let rows = stmt.query_map([], row_to_stored)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Live (not deleted) records, ordered by path.
+    pub fn live(&self) -> anyhow::Result<Vec<Record>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM files WHERE deleted = 0 ORDER BY path")?;
+        let rows = stmt.query_map([], row_to_stored)?;
+        Ok(rows
+            .map(|r| r.map(|s| s.record))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Records changed after `seq`, in sequence order (incremental index exchange).
+    pub fn since(&self, seq: u64, limit: usize) -> anyhow::Result<Vec<Record>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT * FROM files WHERE sequence > ?1 ORDER BY sequence LIMIT ?2")?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], row_to_stored)?;
+        Ok(rows
+            .map(|r| r.map(|s| s.record))
+            .collect::<Result<_, _>>()?)
+    }
+
+    pub fn max_sequence(&self) -> anyhow::Result<u64> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(sequence) FROM files", [], |r| r.get(0))?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Allocate the next sequence number (monotonic even across deletes of rows).
+    pub fn next_sequence(&self) -> anyhow::Result<u64> {
+        let cur: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let next = cur.unwrap_or(0).max(self.max_sequence()? as i64) + 1;
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES('sequence', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![next],
+        )?;
+        Ok(next as u64)
+    }
+
+    /// Insert or replace a record as is (its sequence must already be set).
+    pub fn put(&self, rec: &Record, stat: Option<StatKey>) -> anyhow::Result<()> {
+        let blocks: Vec<u8> = rec.blocks.iter().flatten().copied().collect();
+        let version = bincode::serialize(&rec.version)?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO files
+                 (path, kind, size, mtime_ns, mode, target, md5, sha256, blocks, version, deleted,
+                  sequence, modified_by, st_size, st_mtime_ns, st_ctime_ns, st_inode)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )?
+            .execute(params![
+                rec.path.as_str(),
+                rec.kind.to_i64(),
+                rec.size as i64,
+                rec.mtime_ns,
+                rec.mode as i64,
+                rec.target,
+                rec.md5.map(|h| h.to_vec()),
+                rec.sha256.map(|h| h.to_vec()),
+                if rec.blocks.is_empty() { None } else { Some(blocks) },
+                version,
+                rec.deleted as i64,
+                rec.sequence as i64,
+                rec.modified_by as i64,
+                stat.map(|s| s.size as i64),
+                stat.map(|s| s.mtime_ns),
+                stat.map(|s| s.ctime_ns),
+                stat.map(|s| s.inode as i64),
+            ])?;
+        Ok(())
+    }
+
+    /// Update only the stat key of a record whose content proved unchanged.
+    pub fn set_stat(&self, path: &RelPath, stat: StatKey) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE files SET st_size = ?2, st_mtime_ns = ?3, st_ctime_ns = ?4, st_inode = ?5 WHERE path = ?1",
+            params![path.as_str(), stat.size as i64, stat.mtime_ns, stat.ctime_ns, stat.inode as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Stat keys of all live files: what a scan compares the disk against without loading blocks.
+    pub fn scan_view(&self) -> anyhow::Result<HashMap<RelPath, ScanRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, kind, size, mtime_ns, mode, target, deleted, md5 IS NOT NULL AND sha256 IS NOT NULL,
+                    st_size, st_mtime_ns, st_ctime_ns, st_inode FROM files",
+        )?;
+        let mut out = HashMap::new();
+        let rows = stmt.query_map([], |row| {
+            let path: String = row.get(0)?;
+            let st_size: Option<i64> = row.get(8)?;
+            let stat = match st_size {
+                Some(s) => Some(StatKey {
+                    size: s as u64,
+                    mtime_ns: row.get(9)?,
+                    ctime_ns: row.get(10)?,
+                    inode: row.get::<_, i64>(11)? as u64,
+                }),
+                None => None,
+            };
+            Ok((
+                path,
+                ScanRow {
+                    kind: Kind::from_i64(row.get(1)?).unwrap_or(Kind::File),
+                    size: row.get::<_, i64>(2)? as u64,
+                    mtime_ns: row.get(3)?,
+                    mode: row.get::<_, i64>(4)? as u32,
+                    target: row.get(5)?,
+                    deleted: row.get::<_, i64>(6)? != 0,
+                    hashed: row.get(7)?,
+                    stat,
+                },
+            ))
+        })?;
+        for r in rows {
+            let (p, row) = r?;
+            if let Ok(p) = RelPath::parse(&p) {
+                out.insert(p, row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run `f` in one transaction (all-or-nothing; much faster for many puts).
+    pub fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&Index) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// A small integer kept by a module (e.g. this box's short device id).
+    pub fn meta_get(&self, key: &str) -> anyhow::Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn meta_set(&self, key: &str, value: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+/// What a scan needs to know about a stored path.
+#[derive(Clone, Debug)]
+pub struct ScanRow {
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub target: Option<String>,
+    pub deleted: bool,
+    pub hashed: bool,
+    pub stat: Option<StatKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(p: &str, seq: u64) -> Record {
+        Record {
+            path: RelPath::parse(p).unwrap(),
+            kind: Kind::File,
+            size: 3,
+            mtime_ns: 1_700_000_000_000_000_000,
+            mode: 0o644,
+            target: None,
+            md5: Some([1; 16]),
+            sha256: Some([2; 32]),
+            blocks: vec![[3; 32], [4; 32]],
+            version: VersionVector(vec![(9, 1)]),
+            deleted: false,
+            sequence: seq,
+            modified_by: 9,
+        }
+    }
+
+    #[test]
+    fn put_get_since() {
+        let mut ix = Index::open_in_memory().unwrap();
+        ix.transaction(|ix| {
+            ix.put(&rec("a", 1), None)?;
+            ix.put(&rec("b/c", 2), None)?;
+            Ok(())
+        })
+        .unwrap();
+        let got = ix.get(&RelPath::parse("b/c").unwrap()).unwrap().unwrap();
+        assert_eq!(got.record, rec("b/c", 2));
+        assert_eq!(ix.since(1, 100).unwrap().len(), 1);
+        assert_eq!(ix.max_sequence().unwrap(), 2);
+        assert_eq!(ix.next_sequence().unwrap(), 3);
+        assert_eq!(ix.next_sequence().unwrap(), 4);
+        assert_eq!(ix.live().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,400 @@
+//! One authenticated connection carrying many requests at once, in both directions. A reader
+//! task decodes frames (closing the connection on a malformed or oversized one) and either
+//! routes a response to its waiting caller or hands a request to the [`Handler`]; a writer task
+//! owns the socket's write half. Bounded channels give backpressure end to end.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::identity::DeviceId;
+use crate::protocol::{self, ErrorCode, Frame, Request, Response};
+
+/// A connection with no frame at all for this long is closed (peers ping well within it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Once a frame has started, the rest of it must arrive within this (slow-loris guard).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests one connection may have in flight on the serving side.
+pub const MAX_INFLIGHT: usize = 64;
+
+/// What is known about the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub id: DeviceId,
+    pub addr: std::net::SocketAddr,
+    /// 64 bytes exported from the TLS session (RFC 5705, label "EXPORTER-mybox-udp"): the root
+    /// of the UDP bulk path's keys, known only to the two ends of this connection.
+    pub exporter: [u8; 64],
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Serves requests arriving on a connection.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, conn: Conn, req: Request, out: Responder) -> BoxFuture;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("connection closed")]
+    Closed,
+    #[error("request cancelled by the peer")]
+    Cancelled,
+    #[error("{0}")]
+    Frame(#[from] protocol::FrameError),
+    #[error("peer error ({code:?}): {message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("unexpected response: {0}")]
+    Unexpected(String),
+}
+
+struct Shared {
+    out: mpsc::Sender<Vec<u8>>,
+    pending: Mutex<HashMap<u32, mpsc::Sender<(Response, bool)>>>,
+    cancelled: Mutex<HashSet<u32>>,
+    next_id: AtomicU32,
+    closed: AtomicBool,
+    closed_notify: tokio::sync::Notify,
+    info: PeerInfo,
+}
+
+/// A handle on a live connection; cheap to clone.
+#[derive(Clone)]
+pub struct Conn {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Conn({:?} at {})",
+            self.shared.info.id, self.shared.info.addr
+        )
+    }
+}
+
+/// Sends the responses to one request.
+pub struct Responder {
+    id: u32,
+    shared: Arc<Shared>,
+    ended: bool,
+}
+
+impl Responder {
+    async fn push(&mut self, body: Response, end: bool) -> Result<(), RpcError> {
+        if self.ended {
+            return Ok(());
+        }
+        if self
+            .shared
+            .cancelled
+            .lock()
+            .map(|c| c.contains(&self.id))
+            .unwrap_or(false)
+        {
+            return Err(RpcError::Cancelled);
+        }
+        let bytes = protocol::encode(&Frame::Response {
+            id: self.id,
+            end,
+            body,
+        })?;
+        self.ended = end;
+        self.shared
+            .out
+            .send(bytes)
+            .await
+            .map_err(|_| RpcError::Closed)
+    }
+
+    /// A response with more to follow.
+    pub async fn send(&mut self, body: Response) -> Result<(), RpcError> {
+        self.push(body, false).await
+    }
+
+    /// The last response.
+    pub async fn end(mut self, body: Response) -> Result<(), RpcError> {
+        self.push(body, true).await
+    }
+
+    pub async fn error(self, code: ErrorCode, message: impl Into<String>) -> Result<(), RpcError> {
+        self.end(Response::Error {
+            code,
+            message: message.into(),
+        })
+        .await
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.shared
+            .cancelled
+            .lock()
+            .map(|c| c.contains(&self.id))
+            .unwrap_or(true)
+            || self.shared.closed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.ended {
+            // A handler that returned without a final response still closes the request.
+            if let Ok(bytes) = protocol::encode(&Frame::Response {
+                id: self.id,
+                end: true,
+                body: Response::Error {
+                    code: ErrorCode::Internal,
+                    message: "request ended without an answer".into(),
+                },
+            }) {
+                let _ = self.shared.out.try_send(bytes);
+            }
+        }
+        if let Ok(mut c) = self.shared.cancelled.lock() {
+            c.remove(&self.id);
+        }
+    }
+}
+
+/// The responses to one request, in order.
+pub struct ResponseStream {
+    id: u32,
+    rx: mpsc::Receiver<(Response, bool)>,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl ResponseStream {
+    /// Next response; `None` after the last one.
+    pub async fn next(&mut self) -> Result<Option<Response>, RpcError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.rx.recv().await {
+            Some((Response::Error { code, message }, _)) => {
+                self.done = true;
+                Err(RpcError::Remote { code, message })
+            }
+            Some((resp, end)) => {
+                self.done = end;
+                Ok(Some(resp))
+            }
+            None => Err(RpcError::Closed),
+        }
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.remove(&self.id);
+        }
+        if !self.done {
+            if let Ok(bytes) = protocol::encode(&Frame::Cancel { id: self.id }) {
+                let _ = self.shared.out.try_send(bytes);
+            }
+        }
+    }
+}
+
+impl Conn {
+    pub fn peer(&self) -> &PeerInfo {
+        &self.shared.info
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection has closed.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.shared.closed_notify.notified();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Send a request; read its responses from the stream.
+    pub async fn request(&self, body: Request) -> Result<ResponseStream, RpcError> {
+        if self.is_closed() {
+            return Err(RpcError::Closed);
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.insert(id, tx);
+        }
+        let stream = ResponseStream {
+            id,
+            rx,
+            shared: self.shared.clone(),
+            done: false,
+        };
+        let bytes = protocol::encode(&Frame::Request { id, body })?;
+        self.shared
+            .out
+            .send(bytes)
+            .await
+            .map_err(|_| RpcError::Closed)?;
+        Ok(stream)
+    }
+
+    /// Send a request that has exactly one response.
+    pub async fn call(&self, body: Request) -> Result<Response, RpcError> {
+        let mut s = self.request(body).await?;
+        match s.next().await? {
+            Some(r) => Ok(r),
+            None => Err(RpcError::Closed),
+        }
+    }
+
+    /// Close the connection (pending requests fail with `Closed`).
+    pub fn close(&self) {
+        mark_closed(&self.shared);
+    }
+}
+
+fn mark_closed(shared: &Shared) {
+    shared.closed.store(true, Ordering::Relaxed);
+    if let Ok(mut p) = shared.pending.lock() {
+        p.clear();
+    }
+    shared.closed_notify.notify_waiters();
+}
+
+/// Start the reader and writer tasks of a connection. `handler` serves the peer's requests.
+/// The returned join handle finishes when the connection is gone.
+pub fn spawn<S>(
+    stream: S,
+    info: PeerInfo,
+    handler: Arc<dyn Handler>,
+) -> (Conn, tokio::task::JoinHandle<()>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let shared = Arc::new(Shared {
+        out: out_tx,
+        pending: Mutex::new(HashMap::new()),
+        cancelled: Mutex::new(HashSet::new()),
+        next_id: AtomicU32::new(1),
+        closed: AtomicBool::new(false),
+        closed_notify: tokio::sync::Notify::new(),
+        info,
+    });
+    let conn = Conn {
+        shared: shared.clone(),
+    };
+
+    let writer_shared = shared.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = out_rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+            // Coalesce: only flush once the queue is momentarily empty.
+            while let Ok(more) = out_rx.try_recv() {
+                if wr.write_all(&more).await.is_err() {
+                    mark_closed(&writer_shared);
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                break;
+            }
+            if writer_shared.closed.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+        mark_closed(&writer_shared);
+    });
+
+    let reader_conn = conn.clone();
+    let task = tokio::spawn(async move {
+        let shared = reader_conn.shared.clone();
+        let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+        let result = read_loop(&mut rd, &reader_conn, &handler, &inflight).await;
+        if let Err(e) = result {
+            tracing::info!(
+                "connection with {} ({}) closed: {e}",
+                shared.info.id.short_str(),
+                shared.info.addr
+            );
+        }
+        mark_closed(&shared);
+        writer.abort();
+    });
+    (conn, task)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    conn: &Conn,
+    handler: &Arc<dyn Handler>,
+    inflight: &Arc<Semaphore>,
+) -> anyhow::Result<()> {
+    let shared = &conn.shared;
+    loop {
+        let mut prefix = [0u8; 4];
+        match tokio::time::timeout(IDLE_TIMEOUT, rd.read_exact(&mut prefix)).await {
+            Err(_) => anyhow::bail!("idle for {}s", IDLE_TIMEOUT.as_secs()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(_)) => {}
+        }
+        let len = protocol::check_len(prefix)?;
+        let mut body = vec![0u8; len];
+        tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(&mut body))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "frame of {len} bytes not completed within {}s",
+                    FRAME_TIMEOUT.as_secs()
+                )
+            })??;
+        match protocol::decode(&body)? {
+            Frame::Response { id, end, body } => {
+                let tx = shared.pending.lock().ok().and_then(|p| p.get(&id).cloned());
+                if let Some(tx) = tx {
+                    // The caller may have gone; that is its business.
+                    let _ = tx.send((body, end)).await;
+                }
+                if end {
+                    if let Ok(mut p) = shared.pending.lock() {
+                        p.remove(&id);
+                    }
+                }
+            }
+            Frame::Cancel { id } => {
+                if let Ok(mut c) = shared.cancelled.lock() {
+                    c.insert(id);
+                }
+            }
+            Frame::Request { id, body } => {
+                let permit = inflight.clone().acquire_owned().await?;
+                let responder = Responder {
+                    id,
+                    shared: shared.clone(),
+                    ended: false,
+                };
+                let fut = handler.handle(conn.clone(), body, responder);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Walk the store and bring the index up to date: new, changed and vanished paths get a new
+//! version and sequence number; content is hashed only when its stat key changed (the hash cache)
+//! and only for the paths the caller needs hashed now.
+
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context;
+
+use crate::config::BoxDir;
+use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
+use crate::index::Index;
+use crate::model::{Kind, Record, VersionVector};
+use crate::paths::{RelPath, META_DIR};
+
+/// Suffix of partial files a download writes next to its target; never listed or synced.
+pub const PART_SUFFIX: &str = ".mybox-part";
+pub const IGNORE_FILE: &str = ".myboxignore";
+
+/// `.myboxignore` rules (gitignore syntax) of a box.
+pub struct IgnoreRules {
+    matcher: Option<ignore::gitignore::Gitignore>,
+}
+
+impl IgnoreRules {
+    pub fn none() -> Self {
+        IgnoreRules { matcher: None }
+    }
+
+    /// Parse `text` as the ignore file of a store rooted at `root`. Bad lines are reported, the
+    /// rest still apply.
+    pub fn parse(root: &Path, text: &str) -> (Self, Vec<String>) {
+        let mut b = ignore::gitignore::GitignoreBuilder::new(root);
+        let mut errors = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if let Err(e) = b.add_line(None, line) {
+                errors.push(format!("{IGNORE_FILE} line {}: {e}", i + 1));
+            }
+        }
+        match b.build() {
+            Ok(m) => (IgnoreRules { matcher: Some(m) }, errors),
+            Err(e) => {
+                errors.push(format!("{IGNORE_FILE}: {e}"));
+                (IgnoreRules::none(), errors)
+            }
+        }
+    }
+
+    pub fn load(b: &BoxDir) -> Self {
+        match std::fs::read_to_string(b.root.join(IGNORE_FILE)) {
+            Ok(text) => {
+                let (rules, errors) = Self::parse(&b.root, &text);
+                for e in errors {
+                    tracing::warn!("{e}");
+                }
+                rules
+            }
+            Err(_) => IgnoreRules::none(),
+        }
+    }
+
+    /// Is `path` (or a directory above it) ignored?
+    pub fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {
+        if path.file_name().ends_with(PART_SUFFIX) {
+            return true;
+        }
+        match &self.matcher {
+            Some(m) => m
+                .matched_path_or_any_parents(path.as_str(), is_dir)
+                .is_ignore(),
+            None => false,
+        }
+    }
+}
+
+/// What one entry on disk looks like.
+#[derive(Clone, Debug)]
+pub struct DiskEntry {
+    pub path: RelPath,
+    pub kind: Kind,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub stat: StatKey,
+    pub target: Option<String>,
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+/// lstat one path of the store into a [`DiskEntry`] (None for sockets, fifos, devices).
+pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
+    let full = path.to_fs(root);
+    let md = std::fs::symlink_metadata(&full)?;
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        Kind::File
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else {
+        return Ok(None);
+    };
+    let target = if kind == Kind::Symlink {
+        Some(std::fs::read_link(&full)?.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(Some(DiskEntry {
+        path: path.clone(),
+        kind,
+        mode: md.permissions().mode() & 0o7777,
+        mtime_ns: mtime_ns(&md),
+        stat: StatKey::of(&md),
+        target,
+    }))
+}
+
+/// Walk the store below `under` (the root for a full scan), never following symlinks and never
+/// entering `.mybox/` or ignored paths. Unreadable entries are logged and skipped.
+pub fn walk(root: &Path, under: &RelPath, ignore: &IgnoreRules) -> Vec<DiskEntry> {
+    let mut out = Vec::new();
+    let mut stack = vec![under.clone()];
+    if !under.is_root() {
+        match disk_entry(root, under) {
+            Ok(Some(e)) => {
+                let is_dir = e.kind == Kind::Dir;
+                out.push(e);
+                if !is_dir {
+                    return out;
+                }
+            }
+            _ => return out,
+        }
+    }
+    while let Some(dir) = stack.pop() {
+        let full = dir.to_fs(root);
+        let rd = match std::fs::read_dir(&full) {
+            Ok(rd) => rd,
+            Err(e) => {
+                tracing::warn!("cannot read directory {}: {e}", full.display());
+                continue;
+            }
+        };
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!("skipping non-UTF-8 name in {}: {:?}", full.display(), name);
+                continue;
+            };
+            if dir.is_root() && name == META_DIR {
+                continue;
+            }
+            let Ok(path) = dir.join(name) else {
+                tracing::warn!("skipping unsupported name {name:?} in {}", full.display());
+                continue;
+            };
+            let entry = match disk_entry(root, &path) {
+                Ok(Some(e)) => e,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!("vanished during scan: {path}: {e}");
+                    continue;
+                }
+            };
+            if ignore.is_ignored(&path, entry.kind == Kind::Dir) {
+                continue;
+            }
+            if entry.kind == Kind::Dir {
+                stack.push(path);
+            }
+            out.push(entry);
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// Which files a scan should hash now (others may be left with hashes pending).
+pub enum HashWanted<'a> {
+    None,
+    All,
+    Only(&'a dyn Fn(&RelPath) -> bool),
+}
+
+impl HashWanted<'_> {
+    fn wants(&self, p: &RelPath) -> bool {
+        match self {
+            HashWanted::None => false,
+            HashWanted::All => true,
+            HashWanted::Only(f) => f(p),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ScanSummary {
+    /// Paths that got a new version (created, changed, deleted).
+    pub changed: Vec<RelPath>,
+    pub hashed_files: usize,
+    pub hashed_bytes: u64,
+    pub errors: Vec<String>,
+}
+
+/// Bring the index in line with the disk below `under`. `device` is this box's short id, used
+/// to bump version vectors. Returns what changed.
+pub fn scan(
+    b: &BoxDir,
+    index: &mut Index,
+    device: u64,
+    under: &RelPath,
+    hash: HashWanted<'_>,
+) -> anyhow::Result<ScanSummary> {
+    let ignore = IgnoreRules::load(b);
+    let disk = walk(&b.root, under, &ignore);
+    let known = index.scan_view()?;
+    let mut summary = ScanSummary::default();
+
+    // Decide per path; hashing happens after, in parallel.
+    enum Todo {
+        /// New version: metadata differs for sure.
+        Changed { entry: DiskEntry, hash: bool },
+        /// Same size and mtime but a different ctime/inode: rehash to decide.
+        Suspect(DiskEntry),
+        /// Unchanged but not hashed yet.
+        FillHash(DiskEntry),
+    }
+    let mut todo = Vec::new();
+    let mut seen = HashSet::with_capacity(disk.len());
+    for e in disk {
+        seen.insert(e.path.clone());
+        let want = e.kind == Kind::File && hash.wants(&e.path);
+        match known.get(&e.path) {
+            None => todo.push(Todo::Changed {
+                entry: e,
+                hash: want,
+            }),
+            Some(row) if row.deleted || row.kind != e.kind || row.mode != e.mode => {
+                todo.push(Todo::Changed {
+                    entry: e,
+                    hash: want,
+                })
+            }
+            Some(row) => match e.kind {
+                Kind::Dir => {}
+                Kind::Symlink => {
+                    if row.target != e.target || row.mtime_ns != e.mtime_ns {
+                        todo.push(Todo::Changed {
+                            entry: e,
+                            hash: false,
+                        })
+                    }
+                }
+                Kind::File => {
+                    if row.size != e.stat.size || row.mtime_ns != e.mtime_ns {
+                        todo.push(Todo::Changed {
+                            entry: e,
+                            hash: want,
+                        })
+                    } else if row.stat != Some(e.stat) && row.hashed {
+                        if want {
+                            todo.push(Todo::Suspect(e))
+                        }
+                    } else if !row.hashed && want {
+                        todo.push(Todo::FillHash(e))
+                    }
+                }
+            },
+        }
+    }
+
+    // Hash what needs hashing on all cores.
+    let to_hash: Vec<&DiskEntry> = todo
+        .iter()
+        .filter_map(|t| match t {
+            Todo::Changed { entry, hash: true } => Some(entry),
+            Todo::Suspect(e) | Todo::FillHash(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let hashed = hash_many(&b.root, &to_hash);
+    let mut results: std::collections::HashMap<RelPath, Result<(FileHashes, StatKey), String>> =
+        std::collections::HashMap::new();
+    for (p, r) in hashed {
+        match &r {
+            Ok((h, _)) => {
+                summary.hashed_files += 1;
+                summary.hashed_bytes += h.size;
+            }
+            Err(e) => summary.errors.push(format!("{p}: {e}")),
+        }
+        results.insert(p, r);
+    }
+
+    index.transaction(|ix| {
+        for t in &todo {
+            let (entry, is_suspect) = match t {
+                Todo::Changed { entry, .. } => (entry, false),
+                Todo::Suspect(e) => (e, true),
+                Todo::FillHash(e) => (e, false),
+            };
+            let hashed = results.get(&entry.path).and_then(|r| r.as_ref().ok());
+            let old = ix.get(&entry.path)?;
+            let (fill_only, content_same) = match (t, &old, hashed) {
+                (Todo::FillHash(_), Some(_), _) => (true, true),
+                (Todo::Suspect(_), Some(o), Some((h, _))) => {
+                    (true, o.record.sha256 == Some(h.sha256))
+                }
+                (Todo::Suspect(_), _, None) => continue, // could not hash: decide next time
+                _ => (false, false),
+            };
+            let mut rec = match (&old, fill_only && content_same) {
+                (Some(o), true) => o.record.clone(),
+                _ => new_record(entry, old.as_ref().map(|o| &o.record), device),
+            };
+            let mut stat = Some(entry.stat);
+            if let Some((h, key)) = hashed {
+                rec.md5 = Some(h.md5);
+                rec.sha256 = Some(h.sha256);
+                rec.blocks = h.blocks.clone();
+                rec.size = h.size;
+                rec.mtime_ns = key.mtime_ns;
+                stat = Some(*key);
+            } else if entry.kind == Kind::File && !(fill_only && content_same) {
+                rec.md5 = None;
+                rec.sha256 = None;
+                rec.blocks.clear();
+                stat = None;
+            }
+            if is_suspect && content_same {
+                if let Some((_, key)) = hashed {
+                    ix.set_stat(&entry.path, *key)?;
+                }
+                continue;
+            }
+            if !(fill_only && content_same) {
+                rec.sequence = ix.next_sequence()?;
+                summary.changed.push(entry.path.clone());
+            }
+            ix.put(&rec, stat)?;
+        }
+        // Vanished paths become tombstones.
+        for (path, row) in &known {
+            if row.deleted || seen.contains(path) || !path.starts_with(under) {
+                continue;
+            }
+            if ignore.is_ignored(path, row.kind == Kind::Dir) {
+                // Ignored on this box now: keep the last record, don't announce a delete.
+                continue;
+            }
+            if let Some(old) = ix.get(path)? {
+                let mut rec = old.record;
+                rec.deleted = true;
+                rec.md5 = None;
+                rec.sha256 = None;
+                rec.blocks.clear();
+                rec.size = 0;
+                rec.version.bump(device);
+                rec.modified_by = device;
+                rec.sequence = ix.next_sequence()?;
+                ix.put(&rec, None)?;
+                summary.changed.push(path.clone());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(summary)
+}
+
+fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
+    let mut version = old
+        .map(|o| o.version.clone())
+        .unwrap_or_else(VersionVector::new);
+    version.bump(device);
+    Record {
+        path: e.path.clone(),
+        kind: e.kind,
+        size: if e.kind == Kind::File { e.stat.size } else { 0 },
+        mtime_ns: e.mtime_ns,
+        mode: e.mode,
+        target: e.target.clone(),
+        md5: None,
+        sha256: None,
+        blocks: Vec::new(),
+        version,
+        deleted: false,
+        sequence: 0,
+        modified_by: device,
+    }
+}
+
+/// Hash files on every core; results in input order.
+pub fn hash_many(
+    root: &Path,
+    entries: &[&DiskEntry],
+) -> Vec<(RelPath, Result<(FileHashes, StatKey), String>)> {
+    if entries.is_empty() {
+        return Vec::new();
+    }
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(entries.len());
+    let next = Mutex::new(0usize);
+    let out: Mutex<Vec<Option<(RelPath, Result<(FileHashes, StatKey), String>)>>> =
+        Mutex::new((0..entries.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = {
+                    let Ok(mut n) = next.lock() else { return };
+                    let i = *n;
+                    *n += 1;
+                    i
+                };
+                let Some(e) = entries.get(i) else { return };
+                let r = hash_file_stable(&e.path.to_fs(root)).map_err(|err| match err {
+                    HashError::Io(io) => io.to_string(),
+                    other => other.to_string(),
+                });
+                if let Ok(mut o) = out.lock() {
+                    o[i] = Some((e.path.clone(), r));
+                }
+            });
+        }
+    });
+    out.into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// This box's short device id, cached in the index.
+pub fn device_short(b: &BoxDir) -> anyhow::Result<u64> {
+    Ok(b.identity().context("loading identity")?.id.short())
+}

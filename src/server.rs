@@ -1,0 +1,425 @@
+//! Serving a box to its peers: the accept loop (connection limit, handshake timeout) and the
+//! request handler that answers queries, streams downloads and hands sync and UDP requests to
+//! their modules. Every request served is written to the history log.
+
+use std::future::Future;
+use std::io::{Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::hashing::{self, FileHashes, StatKey};
+use crate::history::{Direction, History};
+use crate::identity::Identity;
+use crate::locks::{LockManager, Mode};
+use crate::model::{EntryInfo, Kind};
+use crate::net::rpc::{BoxFuture, Conn, Handler, Responder};
+use crate::net::{self, ConfigPeers};
+use crate::paths::{resolve_no_follow, RelPath};
+use crate::protocol::{
+    ErrorCode, ListFilter, Request, Response, DATA_CHUNK, ENTRIES_PER_FRAME, PROTOCOL_VERSION,
+};
+use crate::query::{LocalBox, QueryError};
+
+/// Connections served at once; more are refused (closed) until one ends.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long a sender waits for a writer to release a file before giving up.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Everything the serving side of a box shares between connections.
+pub struct ServerCtx {
+    pub local: Arc<LocalBox>,
+    pub ident: Arc<Identity>,
+    pub locks: Arc<LockManager>,
+    pub history: History,
+    pub peers: Arc<ConfigPeers>,
+    /// The sync engine, when this process runs one (`mybox daemon`/`mount`).
+    pub sync: std::sync::OnceLock<Arc<crate::sync::Engine>>,
+    pub config: crate::config::Config,
+}
+
+impl ServerCtx {
+    pub fn new(local: Arc<LocalBox>, locks: Arc<LockManager>) -> anyhow::Result<Arc<ServerCtx>> {
+        let ident = Arc::new(local.dir.identity()?);
+        let config = local.dir.load_config()?;
+        Ok(Arc::new(ServerCtx {
+            history: History::new(&local.dir),
+            peers: ConfigPeers::new(local.dir.clone()),
+            local,
+            ident,
+            locks,
+            sync: std::sync::OnceLock::new(),
+            config,
+        }))
+    }
+
+    pub fn tls_acceptor(&self) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+        let cfg = net::tls::server_config(&self.ident, self.peers.clone())?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    }
+}
+
+/// The request handler of a box.
+#[derive(Clone)]
+pub struct BoxHandler(pub Arc<ServerCtx>);
+
+impl Handler for BoxHandler {
+    fn handle(&self, conn: Conn, req: Request, out: Responder) -> BoxFuture {
+        let ctx = self.0.clone();
+        Box::pin(async move {
+            let peer = conn.peer().id.short_str();
+            let desc = describe(&req);
+            let log = !matches!(
+                req,
+                Request::Hello { .. } | Request::Ping | Request::Sync(_)
+            );
+            let outcome = serve_one(&ctx, &conn, req, out).await;
+            if log {
+                ctx.history
+                    .record(Direction::Served, &peer, &desc, &outcome);
+            }
+        })
+    }
+}
+
+/// Short text of a request for logs.
+pub fn describe(req: &Request) -> String {
+    match req {
+        Request::Hello { .. } => "hello".into(),
+        Request::List { filter } => match filter {
+            ListFilter::All => "index longlist".into(),
+            ListFilter::MtimeRange { start_ns, end_ns } => format!(
+                "index shortlist {} {}",
+                crate::timeparse::format_ns(*start_ns),
+                crate::timeparse::format_ns(*end_ns)
+            ),
+            ListFilter::Regex(r) => format!("index regex {r:?}"),
+            ListFilter::Path(p) => format!("index path {p}"),
+        },
+        Request::Hash { filter } => match filter {
+            ListFilter::Path(p) => format!("hash verify {p}"),
+            ListFilter::All => "hash checkall".into(),
+            other => format!("hash {other:?}"),
+        },
+        Request::Download { path, offset } if *offset > 0 => {
+            format!("download tcp {path} from {offset}")
+        }
+        Request::Download { path, .. } => format!("download tcp {path}"),
+        Request::Sync(s) => format!("sync {}", s.kind_name()),
+        Request::Udp(u) => format!("udp {}", u.kind_name()),
+        Request::Ping => "ping".into(),
+    }
+}
+
+async fn send_entries(mut out: Responder, entries: Vec<EntryInfo>) -> String {
+    let n = entries.len();
+    let mut chunks = entries.chunks(ENTRIES_PER_FRAME).peekable();
+    if chunks.peek().is_none() {
+        let _ = out.end(Response::Entries(Vec::new())).await;
+        return "ok, 0 entries".into();
+    }
+    while let Some(chunk) = chunks.next() {
+        let body = Response::Entries(chunk.to_vec());
+        let r = if chunks.peek().is_none() {
+            return match out.end(body).await {
+                Ok(()) => format!("ok, {n} entries"),
+                Err(e) => format!("failed: {e}"),
+            };
+        } else {
+            out.send(body).await
+        };
+        if let Err(e) = r {
+            return format!("failed: {e}");
+        }
+    }
+    format!("ok, {n} entries")
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, QueryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| QueryError::new(ErrorCode::Internal, format!("worker failed: {e}")))
+}
+
+async fn serve_one(ctx: &Arc<ServerCtx>, conn: &Conn, req: Request, out: Responder) -> String {
+    async fn fail(out: Responder, e: QueryError) -> String {
+        let msg = format!("error {:?}: {}", e.code, e.message);
+        let _ = out.error(e.code, e.message).await;
+        msg
+    }
+    match req {
+        Request::Hello { version, agent } => {
+            if version != PROTOCOL_VERSION {
+                tracing::warn!(
+                    "peer {} speaks protocol {version} ({agent})",
+                    conn.peer().id.short_str()
+                );
+            }
+            let _ = out
+                .end(Response::Hello {
+                    version: PROTOCOL_VERSION,
+                    agent: net::agent(),
+                })
+                .await;
+            "ok".into()
+        }
+        Request::Ping => {
+            let _ = out.end(Response::Pong).await;
+            "ok".into()
+        }
+        Request::List { filter } => {
+            let local = ctx.local.clone();
+            match blocking(move || local.list(&filter)).await.and_then(|r| r) {
+                Ok(entries) => send_entries(out, entries).await,
+                Err(e) => fail(out, e).await,
+            }
+        }
+        Request::Hash { filter } => {
+            let local = ctx.local.clone();
+            match blocking(move || local.hash(&filter)).await.and_then(|r| r) {
+                Ok(entries) => send_entries(out, entries).await,
+                Err(e) => fail(out, e).await,
+            }
+        }
+        Request::Download { path, offset } => match serve_download(ctx, path, offset, out).await {
+            Ok(s) => s,
+            Err(e) => format!("error: {e}"),
+        },
+        Request::Sync(r) => crate::sync::serve(ctx, conn, r, out).await,
+        Request::Udp(r) => crate::udp::serve(ctx, conn, r, out).await,
+    }
+}
+
+/// What the reader thread of a download produces.
+enum Chunk {
+    Header(EntryInfo),
+    Data(Vec<u8>),
+    Trailer(FileHashes),
+    Fail(QueryError),
+}
+
+/// Stream one file: a header, data frames, then a trailer with the hashes of exactly the bytes
+/// sent. The file is read under a shared lock (no in-process writer can change it meanwhile), and
+/// if an outside writer changed it anyway the transfer ends in an error the client retries.
+async fn serve_download(
+    ctx: &Arc<ServerCtx>,
+    path: RelPath,
+    offset: u64,
+    mut out: Responder,
+) -> anyhow::Result<String> {
+    let (tx, mut rx) = mpsc::channel::<Chunk>(4);
+    let ctx2 = ctx.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        if let Err(e) = read_for_download(&ctx2, &path, offset, &tx) {
+            let _ = tx.blocking_send(Chunk::Fail(e));
+        }
+    });
+    let mut sent: u64 = 0;
+    let mut outcome = String::from("failed");
+    while let Some(chunk) = rx.recv().await {
+        match chunk {
+            Chunk::Header(entry) => out.send(Response::FileHeader { entry }).await?,
+            Chunk::Data(d) => {
+                sent += d.len() as u64;
+                if out.send(Response::Data(d)).await.is_err() {
+                    outcome = "cancelled".into();
+                    break;
+                }
+            }
+            Chunk::Trailer(h) => {
+                out.end(Response::FileTrailer {
+                    md5: h.md5,
+                    sha256: h.sha256,
+                    size: h.size,
+                })
+                .await?;
+                outcome = format!("ok, {sent} bytes, md5 {}", crate::model::hex(&h.md5));
+                break;
+            }
+            Chunk::Fail(e) => {
+                outcome = format!("error {:?}: {}", e.code, e.message);
+                out.error(e.code, e.message).await?;
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let _ = reader.await;
+    Ok(outcome)
+}
+
+fn read_for_download(
+    ctx: &ServerCtx,
+    path: &RelPath,
+    offset: u64,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), QueryError> {
+    let root = &ctx.local.dir.root;
+    let full = resolve_no_follow(root, path)
+        .map_err(|e| QueryError::new(ErrorCode::BadPath, e.to_string()))?;
+    let md = std::fs::symlink_metadata(&full)
+        .map_err(|e| QueryError::new(ErrorCode::NotFound, format!("{path}: {e}")))?;
+    if md.file_type().is_symlink() {
+        return Err(QueryError::new(
+            ErrorCode::NotAFile,
+            format!("{path}: is a symlink; mybox never follows links (the link itself syncs)"),
+        ));
+    }
+    if !md.is_file() {
+        return Err(QueryError::new(
+            ErrorCode::NotAFile,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    let _guard = ctx
+        .locks
+        .lock(path, Mode::Shared, LOCK_WAIT)
+        .ok_or_else(|| {
+            QueryError::new(ErrorCode::Busy, format!("{path}: being written; try again"))
+        })?;
+    let mut f = hashing::open_nofollow(&full)
+        .map_err(|e| QueryError::new(ErrorCode::Io, format!("{path}: {e}")))?;
+    let md = f
+        .metadata()
+        .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
+    let key = StatKey::of(&md);
+    // Hashes from the index are good if the file is exactly as it was when they were taken.
+    let cached = ctx
+        .local
+        .index
+        .lock()
+        .ok()
+        .and_then(|ix| ix.get(path).ok().flatten())
+        .filter(|s| s.stat == Some(key) && s.record.is_hashed() && !s.record.deleted);
+    use std::os::unix::fs::PermissionsExt;
+    let entry = EntryInfo {
+        path: path.clone(),
+        kind: Kind::File,
+        size: key.size,
+        mtime_ns: key.mtime_ns,
+        mode: md.permissions().mode() & 0o7777,
+        mime: crate::model::mime_for(path, Kind::File),
+        target: None,
+        md5: cached.as_ref().and_then(|c| c.record.md5),
+        sha256: cached.as_ref().and_then(|c| c.record.sha256),
+    };
+    let closed = || QueryError::new(ErrorCode::Internal, "client went away");
+    tx.blocking_send(Chunk::Header(entry))
+        .map_err(|_| closed())?;
+    let pipeline = if cached.is_none() {
+        Some(hashing::Pipeline::new())
+    } else {
+        None
+    };
+    if pipeline.is_none() && offset > 0 {
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
+    }
+    let mut pos: u64 = 0;
+    if pipeline.is_none() {
+        pos = offset;
+    }
+    loop {
+        let chunk = hashing::read_chunk(&mut f, DATA_CHUNK)
+            .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
+        if chunk.is_empty() {
+            break;
+        }
+        let end = pos + chunk.len() as u64;
+        let arc = Arc::new(chunk);
+        if let Some(p) = &pipeline {
+            p.feed(arc.clone())
+                .map_err(|e| QueryError::new(ErrorCode::Internal, e.to_string()))?;
+        }
+        if end > offset {
+            let skip = offset.saturating_sub(pos) as usize;
+            let data = match Arc::try_unwrap(arc) {
+                Ok(mut v) if skip == 0 => {
+                    v.shrink_to_fit();
+                    v
+                }
+                Ok(v) => v[skip..].to_vec(),
+                Err(a) => a[skip..].to_vec(),
+            };
+            tx.blocking_send(Chunk::Data(data)).map_err(|_| closed())?;
+        }
+        pos = end;
+    }
+    let after = StatKey::of(
+        &f.metadata()
+            .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?,
+    );
+    if after != key || pos != key.size {
+        return Err(QueryError::new(
+            ErrorCode::Changed,
+            format!("{path}: changed while it was sent; try again"),
+        ));
+    }
+    let hashes = match (pipeline, cached) {
+        (Some(p), _) => p
+            .finish()
+            .map_err(|e| QueryError::new(ErrorCode::Internal, e.to_string()))?,
+        (None, Some(c)) => FileHashes {
+            md5: c.record.md5.unwrap_or_default(),
+            sha256: c.record.sha256.unwrap_or_default(),
+            blocks: Vec::new(),
+            size: key.size,
+        },
+        (None, None) => return Err(QueryError::new(ErrorCode::Internal, "no hashes")),
+    };
+    tx.blocking_send(Chunk::Trailer(hashes))
+        .map_err(|_| closed())?;
+    Ok(())
+}
+
+/// Accept peers on `listener` until `shutdown` resolves.
+pub async fn run_listener(
+    ctx: Arc<ServerCtx>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let acceptor = ctx.tls_acceptor()?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handler: Arc<dyn Handler> = Arc::new(BoxHandler(ctx.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "refusing connection from {addr}: {MAX_CONNECTIONS} connections already open"
+            );
+            drop(tcp);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match net::accept(&acceptor, tcp, addr, handler).await {
+                Ok((conn, task)) => {
+                    tracing::debug!("peer {} connected from {addr}", conn.peer().id.short_str());
+                    if let Some(engine) = ctx.sync.get() {
+                        engine.on_incoming(conn.clone());
+                    }
+                    let _ = task.await;
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+            drop(permit);
+        });
+    }
+}
