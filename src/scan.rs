@@ -92,7 +92,10 @@ fn mtime_ns(md: &std::fs::Metadata) -> i64 {
 
 /// lstat one path of the store into a [`DiskEntry`] (None for sockets, fifos, devices).
 pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
-    let full = path.to_fs(root);
+    // Never look through a symlinked parent: a link planted in the store must not make a path
+    // outside it appear inside.
+    let full = crate::paths::resolve_no_follow(root, path)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
     let md = std::fs::symlink_metadata(&full)?;
     let ft = md.file_type();
     let kind = if ft.is_file() {
