@@ -192,6 +192,16 @@ impl Index {
         Ok(next as u64)
     }
 
+    /// Hand out sequence numbers from memory for a batch of changes (one transaction); call
+    /// [`SeqAlloc::commit`] before the transaction ends.
+    pub fn seq_alloc(&self) -> anyhow::Result<SeqAlloc> {
+        let cur: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| r.get(0))
+            .optional()?;
+        Ok(SeqAlloc { last: cur.unwrap_or(0).max(self.max_sequence()? as i64) as u64, used: false })
+    }
+
     /// Insert or replace a record as is (its sequence must already be set).
     pub fn put(&self, rec: &Record, stat: Option<StatKey>) -> anyhow::Result<()> {
         let blocks: Vec<u8> = rec.blocks.iter().flatten().copied().collect();
@@ -309,6 +319,27 @@ impl Index {
             "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![key, value],
         )?;
+        Ok(())
+    }
+}
+
+/// Sequence numbers handed out within one transaction.
+pub struct SeqAlloc {
+    last: u64,
+    used: bool,
+}
+
+impl SeqAlloc {
+    pub fn next(&mut self) -> u64 {
+        self.last += 1;
+        self.used = true;
+        self.last
+    }
+
+    pub fn commit(self, ix: &Index) -> anyhow::Result<()> {
+        if self.used {
+            ix.meta_set("sequence", self.last as i64)?;
+        }
         Ok(())
     }
 }

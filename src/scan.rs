@@ -299,6 +299,7 @@ pub fn scan(
     }
 
     index.transaction(|ix| {
+        let mut seq = ix.seq_alloc()?;
         for t in &todo {
             let (entry, is_suspect) = match t {
                 Todo::Changed { entry, .. } => (entry, false),
@@ -306,7 +307,7 @@ pub fn scan(
                 Todo::FillHash(e) => (e, false),
             };
             let hashed = results.get(&entry.path).and_then(|r| r.as_ref().ok());
-            let old = ix.get(&entry.path)?;
+            let old = if known.contains_key(&entry.path) { ix.get(&entry.path)? } else { None };
             let (fill_only, content_same) = match (t, &old, hashed) {
                 (Todo::FillHash(_), Some(_), _) => (true, true),
                 (Todo::Suspect(_), Some(o), Some((h, _))) => {
@@ -340,7 +341,7 @@ pub fn scan(
                 continue;
             }
             if !(fill_only && content_same) {
-                rec.sequence = ix.next_sequence()?;
+                rec.sequence = seq.next();
                 summary.changed.push(entry.path.clone());
             }
             ix.put(&rec, stat)?;
@@ -363,12 +364,12 @@ pub fn scan(
                 rec.size = 0;
                 rec.version.bump(device);
                 rec.modified_by = device;
-                rec.sequence = ix.next_sequence()?;
+                rec.sequence = seq.next();
                 ix.put(&rec, None)?;
                 summary.changed.push(path.clone());
             }
         }
-        Ok(())
+        seq.commit(ix)
     })?;
     Ok(summary)
 }
