@@ -88,9 +88,18 @@ impl StreamHasher {
         let mut blocks = self.blocks;
         let sha256: [u8; 32] = self.sha.finalize().into();
         if self.block_fill > 0 {
-            blocks.push(if self.size < BLOCK_SIZE { sha256 } else { self.block.finalize().into() });
+            blocks.push(if self.size < BLOCK_SIZE {
+                sha256
+            } else {
+                self.block.finalize().into()
+            });
         }
-        FileHashes { md5: self.md5.finalize().into(), sha256, blocks, size: self.size }
+        FileHashes {
+            md5: self.md5.finalize().into(),
+            sha256,
+            blocks,
+            size: self.size,
+        }
     }
 }
 

@@ -197,9 +197,14 @@ impl Index {
     pub fn seq_alloc(&self) -> anyhow::Result<SeqAlloc> {
         let cur: Option<i64> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
-        Ok(SeqAlloc { last: cur.unwrap_or(0).max(self.max_sequence()? as i64) as u64, used: false })
+        Ok(SeqAlloc {
+            last: cur.unwrap_or(0).max(self.max_sequence()? as i64) as u64,
+            used: false,
+        })
     }
 
     /// Insert or replace a record as is (its sequence must already be set).
@@ -330,7 +335,7 @@ pub struct SeqAlloc {
 }
 
 impl SeqAlloc {
-    pub fn next(&mut self) -> u64 {
+    pub fn take(&mut self) -> u64 {
         self.last += 1;
         self.used = true;
         self.last

@@ -12,7 +12,7 @@ use anyhow::Context;
 use crate::config::BoxDir;
 use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
 use crate::index::Index;
-use crate::model::{Kind, Record, VersionVector};
+use crate::model::{Kind, Record};
 use crate::paths::{RelPath, META_DIR};
 
 /// Suffix of partial files a download writes next to its target; never listed or synced.
@@ -307,7 +307,11 @@ pub fn scan(
                 Todo::FillHash(e) => (e, false),
             };
             let hashed = results.get(&entry.path).and_then(|r| r.as_ref().ok());
-            let old = if known.contains_key(&entry.path) { ix.get(&entry.path)? } else { None };
+            let old = if known.contains_key(&entry.path) {
+                ix.get(&entry.path)?
+            } else {
+                None
+            };
             let (fill_only, content_same) = match (t, &old, hashed) {
                 (Todo::FillHash(_), Some(_), _) => (true, true),
                 (Todo::Suspect(_), Some(o), Some((h, _))) => {
@@ -341,7 +345,7 @@ pub fn scan(
                 continue;
             }
             if !(fill_only && content_same) {
-                rec.sequence = seq.next();
+                rec.sequence = seq.take();
                 summary.changed.push(entry.path.clone());
             }
             ix.put(&rec, stat)?;
@@ -364,7 +368,7 @@ pub fn scan(
                 rec.size = 0;
                 rec.version.bump(device);
                 rec.modified_by = device;
-                rec.sequence = seq.next();
+                rec.sequence = seq.take();
                 ix.put(&rec, None)?;
                 summary.changed.push(path.clone());
             }
@@ -375,9 +379,7 @@ pub fn scan(
 }
 
 fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
-    let mut version = old
-        .map(|o| o.version.clone())
-        .unwrap_or_else(VersionVector::new);
+    let mut version = old.map(|o| o.version.clone()).unwrap_or_default();
     version.bump(device);
     Record {
         path: e.path.clone(),
@@ -396,11 +398,11 @@ fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
     }
 }
 
+/// Outcome of hashing one file.
+pub type HashResult = Result<(FileHashes, StatKey), String>;
+
 /// Hash files on every core; results in input order.
-pub fn hash_many(
-    root: &Path,
-    entries: &[&DiskEntry],
-) -> Vec<(RelPath, Result<(FileHashes, StatKey), String>)> {
+pub fn hash_many(root: &Path, entries: &[&DiskEntry]) -> Vec<(RelPath, HashResult)> {
     if entries.is_empty() {
         return Vec::new();
     }
@@ -409,7 +411,7 @@ pub fn hash_many(
         .unwrap_or(2)
         .min(entries.len());
     let next = Mutex::new(0usize);
-    let out: Mutex<Vec<Option<(RelPath, Result<(FileHashes, StatKey), String>)>>> =
+    let out: Mutex<Vec<Option<(RelPath, HashResult)>>> =
         Mutex::new((0..entries.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..workers {

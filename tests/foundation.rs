@@ -530,16 +530,18 @@ fn both_boxes_serve_and_ask_at_once() {
     b.ok(&["peer", "add", &a.id, &aa]);
     let (ra, rb) = std::thread::scope(|s| {
         let ha = s.spawn(|| {
-            (0..5)
-                .map(|_| a.json(&["hash", "checkall"]))
-                .last()
-                .unwrap()
+            let mut last = Vec::new();
+            for _ in 0..5 {
+                last = a.json(&["hash", "checkall"]);
+            }
+            last
         });
         let hb = s.spawn(|| {
-            (0..5)
-                .map(|_| b.json(&["hash", "checkall"]))
-                .last()
-                .unwrap()
+            let mut last = Vec::new();
+            for _ in 0..5 {
+                last = b.json(&["hash", "checkall"]);
+            }
+            last
         });
         (ha.join().unwrap(), hb.join().unwrap())
     });
