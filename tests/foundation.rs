@@ -699,3 +699,28 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn silent_and_slow_connections_do_not_lock_out_the_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(tmp.path());
+    std::fs::write(a.dir.join("x.txt"), b"x").unwrap();
+    let addr = a.addr.clone().unwrap();
+    // 100 sockets that never speak, and a few that dribble bytes of a fake handshake.
+    let mut idle: Vec<std::net::TcpStream> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    for s in idle.iter_mut().take(5) {
+        let _ = s.write_all(&[0x16]);
+    }
+    let start = Instant::now();
+    let v = b.json(&["hash", "verify", "x.txt"]);
+    assert_eq!(v[0]["md5"], md5_hex(b"x"));
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "real peer waited {:?}",
+        start.elapsed()
+    );
+    drop(idle);
+    assert!(a.server_alive());
+}

@@ -322,7 +322,16 @@ where
     });
 
     let reader_conn = conn.clone();
+    let writer_abort = writer.abort_handle();
     let task = tokio::spawn(async move {
+        // However this task ends (including being aborted), the writer goes with it.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _writer_guard = AbortOnDrop(writer_abort);
         let shared = reader_conn.shared.clone();
         let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
         let result = read_loop(&mut rd, &reader_conn, &handler, &inflight).await;
@@ -334,7 +343,6 @@ where
             );
         }
         mark_closed(&shared);
-        writer.abort();
     });
     (conn, task)
 }
