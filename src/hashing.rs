@@ -270,9 +270,12 @@ pub enum HashError {
 
 /// Hash a file on disk, retrying if it changes underneath (a writer mid-write): the result always
 /// describes one consistent state, returned with its stat key.
-pub fn hash_file_stable(path: &Path) -> Result<(FileHashes, StatKey), HashError> {
+pub fn hash_file_stable(
+    root: &Path,
+    rel: &crate::paths::RelPath,
+) -> Result<(FileHashes, StatKey), HashError> {
     for _ in 0..5 {
-        let f = open_nofollow(path)?;
+        let f = crate::paths::open_beneath(root, rel)?;
         let before = f.metadata()?;
         if !before.is_file() {
             return Err(HashError::NotFile);

@@ -4,6 +4,7 @@
 //! cross a symlink, so a link planted in the store cannot lead a request outside it.
 
 use std::fmt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -220,6 +221,70 @@ pub fn resolve_no_follow(root: &Path, rel: &RelPath) -> Result<PathBuf, PathErro
     Ok(p)
 }
 
+/// Open `rel` under `root` for reading so that *no* component may be a symlink and the result
+/// cannot lie outside `root`, checked by the kernel at open time (`openat2` with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a directory swapped for a link between a check and
+/// the open cannot redirect the read. Falls back to check-then-open on kernels without openat2.
+pub fn open_beneath(root: &Path, rel: &RelPath) -> std::io::Result<std::fs::File> {
+    use std::ffi::CString;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let root_c = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in store path"))?;
+    let rel_c = CString::new(if rel.is_root() { "." } else { rel.as_str() })
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: plain syscalls on valid NUL-terminated strings; each fd is owned exactly once.
+    unsafe {
+        let dirfd = libc::open(
+            root_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if dirfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // `struct open_how` of openat2(2); libc's is non-exhaustive, so spell it out.
+        #[repr(C)]
+        struct OpenHow {
+            flags: u64,
+            mode: u64,
+            resolve: u64,
+        }
+        let how = OpenHow {
+            flags: (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+        };
+        let fd = libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            rel_c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(dirfd);
+        if fd >= 0 {
+            return Ok(std::fs::File::from_raw_fd(fd as i32));
+        }
+        match err.raw_os_error() {
+            Some(libc::ENOSYS) => {}
+            Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{rel} goes through a symlink; mybox never follows links"),
+                ))
+            }
+            _ => return Err(err),
+        }
+    }
+    let full = resolve_no_follow(root, rel)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(full)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +362,11 @@ mod tests {
         assert!(resolve_no_follow(dir.path(), &fine).is_ok());
         // The link itself may be named (it is synced as a link, never followed).
         assert!(resolve_no_follow(dir.path(), &RelPath::parse("link").unwrap()).is_ok());
+        // The kernel-checked open refuses links anywhere in the path, including the last part.
+        std::fs::write(dir.path().join("real/x"), b"x").unwrap();
+        std::os::unix::fs::symlink("x", dir.path().join("real/lx")).unwrap();
+        assert!(open_beneath(dir.path(), &fine).is_ok());
+        assert!(open_beneath(dir.path(), &through).is_err());
+        assert!(open_beneath(dir.path(), &RelPath::parse("real/lx").unwrap()).is_err());
     }
 }

@@ -95,7 +95,12 @@ pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEnt
     // outside it appear inside.
     let full = crate::paths::resolve_no_follow(root, path)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
-    let md = std::fs::symlink_metadata(&full)?;
+    entry_at(&full, path)
+}
+
+/// lstat `full` (whose parents are known to be real directories) as `path`.
+fn entry_at(full: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
+    let md = std::fs::symlink_metadata(full)?;
     let ft = md.file_type();
     let kind = if ft.is_file() {
         Kind::File
@@ -107,7 +112,7 @@ pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEnt
         return Ok(None);
     };
     let target = if kind == Kind::Symlink {
-        Some(std::fs::read_link(&full)?.to_string_lossy().into_owned())
+        Some(std::fs::read_link(full)?.to_string_lossy().into_owned())
     } else {
         None
     };
@@ -160,7 +165,8 @@ pub fn walk(root: &Path, under: &RelPath, ignore: &IgnoreRules) -> Vec<DiskEntry
                 tracing::warn!("skipping unsupported name {name:?} in {}", full.display());
                 continue;
             };
-            let entry = match disk_entry(root, &path) {
+            // The walk only descends real directories, so the parents need no symlink check.
+            let entry = match entry_at(&full.join(name), &path) {
                 Ok(Some(e)) => e,
                 Ok(None) => continue,
                 Err(e) => {
@@ -410,7 +416,7 @@ fn spawn_hashers<'scope, 'env>(
         scope.spawn(move || loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(e) = entries.get(i) else { return };
-            let r = hash_file_stable(&e.path.to_fs(root)).map_err(|err| match err {
+            let r = hash_file_stable(root, &e.path).map_err(|err| match err {
                 HashError::Io(io) => io.to_string(),
                 other => other.to_string(),
             });

@@ -285,7 +285,7 @@ fn read_for_download(
         .ok_or_else(|| {
             QueryError::new(ErrorCode::Busy, format!("{path}: being written; try again"))
         })?;
-    let mut f = hashing::open_nofollow(&full)
+    let mut f = crate::paths::open_beneath(root, path)
         .map_err(|e| QueryError::new(ErrorCode::Io, format!("{path}: {e}")))?;
     let md = f
         .metadata()
