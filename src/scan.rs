@@ -344,6 +344,10 @@ pub fn scan(
         if !(fill_only && content_same) {
             rec.sequence = seq.take();
             summary.changed.push(entry.path.clone());
+        } else if matches!(t, Todo::FillHash(_)) && hashed.is_some() {
+            // Hashes that arrive after the record was announced are news to peers (they cannot
+            // pull a file without its blocks): a new sequence number, same version.
+            rec.sequence = seq.take();
         }
         ix.put(&rec, stat)
     };
