@@ -12,7 +12,7 @@ use anyhow::Context;
 use crate::config::BoxDir;
 use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
 use crate::index::Index;
-use crate::model::{Kind, Record, VersionVector};
+use crate::model::{Kind, Record};
 use crate::paths::{RelPath, META_DIR};
 
 /// Suffix of partial files a download writes next to its target; never listed or synced.
@@ -371,9 +371,7 @@ pub fn scan(
 }
 
 fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
-    let mut version = old
-        .map(|o| o.version.clone())
-        .unwrap_or_else(VersionVector::new);
+    let mut version = old.map(|o| o.version.clone()).unwrap_or_default();
     version.bump(device);
     Record {
         path: e.path.clone(),
@@ -392,11 +390,11 @@ fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
     }
 }
 
+/// One hashed file: its path and hashes with the stat key they were taken at, or the error.
+pub type Hashed = (RelPath, Result<(FileHashes, StatKey), String>);
+
 /// Hash files on every core; results in input order.
-pub fn hash_many(
-    root: &Path,
-    entries: &[&DiskEntry],
-) -> Vec<(RelPath, Result<(FileHashes, StatKey), String>)> {
+pub fn hash_many(root: &Path, entries: &[&DiskEntry]) -> Vec<Hashed> {
     if entries.is_empty() {
         return Vec::new();
     }
@@ -405,8 +403,7 @@ pub fn hash_many(
         .unwrap_or(2)
         .min(entries.len());
     let next = Mutex::new(0usize);
-    let out: Mutex<Vec<Option<(RelPath, Result<(FileHashes, StatKey), String>)>>> =
-        Mutex::new((0..entries.len()).map(|_| None).collect());
+    let out: Mutex<Vec<Option<Hashed>>> = Mutex::new((0..entries.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
