@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::vfs::hooks::Invalidator;
@@ -28,8 +28,16 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// must use the same backing file, so registrations are shared while any open holds them.
 #[derive(Default)]
 struct Backings {
-    by_ino: HashMap<u64, ((u64, u64), Weak<BackingId>)>,
+    by_ino: HashMap<u64, Backing>,
     by_fh: HashMap<u64, Arc<BackingId>>,
+}
+
+struct Backing {
+    /// (device, inode) of the store file registered.
+    key: (u64, u64),
+    /// Registered open read-write, so a writer can share it.
+    writable: bool,
+    id: Weak<BackingId>,
 }
 
 pub struct FuseFs {
@@ -80,6 +88,13 @@ fn attr(a: &Attr) -> FileAttr {
     }
 }
 
+fn direct_or_cached(io: &IoMode) -> FopenFlags {
+    match io {
+        IoMode::Cached => FopenFlags::empty(),
+        _ => FopenFlags::FOPEN_DIRECT_IO,
+    }
+}
+
 fn errno(e: &VfsError) -> Errno {
     if e.is_expected() {
         tracing::debug!("{e}");
@@ -114,48 +129,80 @@ fn time_set(t: Option<TimeOrNow>) -> Option<TimeSet> {
 impl FuseFs {
     /// Reply to an open: passthrough when the core offers it and the kernel accepts the backing
     /// file, else direct I/O (so this open cannot conflict with passthrough opens of the inode).
+    /// The kernel fails (EIO) any open of an inode that is open through passthrough unless it
+    /// uses the same backing file; a writer arriving then is switched to in-place writing.
     fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
-        match o.io {
-            IoMode::Cached => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            IoMode::Direct => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
-            IoMode::Passthrough { file, key } => {
-                let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
-                let shared = match b.by_ino.get(&ino) {
-                    Some((k, w)) => match w.upgrade() {
-                        Some(id) if *k == key => Some(Some(id)),
-                        // Another version of the file is still open through passthrough.
-                        Some(_) => None,
-                        None => Some(None),
-                    },
-                    None => Some(None),
-                };
-                let id = match shared {
-                    None => {
-                        return reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO);
-                    }
-                    Some(Some(id)) => id,
-                    Some(None) => match reply.open_backing(file.as_ref()) {
-                        Ok(id) => {
-                            let id = Arc::new(id);
-                            b.by_ino.insert(ino, (key, Arc::downgrade(&id)));
-                            id
-                        }
-                        Err(e) => {
-                            tracing::debug!("passthrough refused for inode {ino}: {e}");
-                            return reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO);
-                        }
-                    },
-                };
-                b.by_fh.insert(o.fh, id.clone());
-                reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id);
-            }
+        let fh = o.fh;
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let live = b
+            .by_ino
+            .get(&ino)
+            .and_then(|e| e.id.upgrade().map(|id| (e.key, e.writable, id)));
+        if let Some(wkey) = o.writer_key {
+            let Some((key, writable, id)) = live else {
+                drop(b);
+                return reply.opened(FileHandle(fh), direct_or_cached(&o.io));
+            };
+            let shared = if key == wkey && writable {
+                self.vfs.set_in_place(fh)
+            } else {
+                Err(VfsError::new(
+                    libc::EBUSY,
+                    "an older version of this file is still open for reading",
+                ))
+            };
+            return match shared {
+                Ok(()) => {
+                    b.by_fh.insert(fh, id.clone());
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                }
+                Err(e) => {
+                    drop(b);
+                    let _ = self.vfs.release(fh);
+                    reply.error(errno(&e))
+                }
+            };
         }
+        let IoMode::Passthrough {
+            file,
+            key,
+            writable,
+        } = &o.io
+        else {
+            drop(b);
+            return reply.opened(FileHandle(fh), direct_or_cached(&o.io));
+        };
+        let id = match live {
+            Some((k, _, id)) if k == *key => id,
+            // Another version of the file is still open through passthrough.
+            Some(_) => return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            None => match reply.open_backing(file.as_ref()) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    b.by_ino.insert(
+                        ino,
+                        Backing {
+                            key: *key,
+                            writable: *writable,
+                            id: Arc::downgrade(&id),
+                        },
+                    );
+                    id
+                }
+                Err(e) => {
+                    tracing::debug!("passthrough refused for inode {ino}: {e}");
+                    return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                }
+            },
+        };
+        b.by_fh.insert(fh, id.clone());
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
     }
 
     fn drop_backing(&self, fh: u64) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         if b.by_fh.remove(&fh).is_some() {
-            b.by_ino.retain(|_, (_, w)| w.strong_count() > 0);
+            b.by_ino.retain(|_, e| e.id.strong_count() > 0);
         }
     }
 }
@@ -485,6 +532,44 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
+    // Extended attributes are not synced, so the mount has none (ENODATA / an empty list)
+    // and refuses to store them (ENOTSUP), quietly.
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTSUP));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENODATA);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match guard("statfs", || self.vfs.statfs()) {
             Ok(s) => reply.statfs(
@@ -509,11 +594,8 @@ impl Filesystem for FuseFs {
                 .create(caller(req), parent.0, name, mode, umask, flags)
         }) {
             Ok((a, o)) => {
-                // New files are written through the shadow, never passthrough.
-                let flags = match o.io {
-                    IoMode::Cached => FopenFlags::empty(),
-                    _ => FopenFlags::FOPEN_DIRECT_IO,
-                };
+                // A new file has no passthrough opens yet: written through the shadow.
+                let flags = direct_or_cached(&o.io);
                 reply.created(&TTL, &attr(&a), Generation(0), FileHandle(o.fh), flags)
             }
             Err(e) => reply.error(errno(&e)),

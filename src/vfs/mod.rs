@@ -225,7 +225,13 @@ pub enum IoMode {
     /// Register `file` as the backing file and let the kernel read it directly. `key` (device,
     /// inode of the store file) tells the adapter when backing registrations can be shared: the
     /// kernel insists that all passthrough opens of one inode use the same backing file.
-    Passthrough { file: Arc<File>, key: (u64, u64) },
+    /// `writable`: the file is open read-write, so a writer may later share it (see
+    /// [`Vfs::set_in_place`]).
+    Passthrough {
+        file: Arc<File>,
+        key: (u64, u64),
+        writable: bool,
+    },
     /// Every read and write comes to us, bypassing the page cache. Used next to passthrough
     /// (a cached open would conflict with a passthrough one on the same inode).
     Direct,
@@ -237,6 +243,8 @@ pub enum IoMode {
 pub struct Opened {
     pub fh: u64,
     pub io: IoMode,
+    /// For an open for writing: (device, inode) of the store file it would replace.
+    pub writer_key: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,6 +303,11 @@ struct WriteState {
     writers: usize,
     /// The path was unlinked or replaced while open: never publish.
     orphaned: bool,
+    /// Writes go straight to the store file (through kernel passthrough), not to a shadow:
+    /// the kernel requires every open of an inode already open through passthrough to share
+    /// its backing file, so a writer arriving while passthrough readers are open cannot be
+    /// given a private copy. Readers may then see the write in progress.
+    in_place: bool,
     _lock: Option<Guard>,
 }
 
@@ -752,7 +765,10 @@ impl Vfs {
         };
         let res = (|| {
             let mut st = lock(&state);
-            if size == 0 {
+            if st.in_place {
+                self.store_rw(rel)?.set_len(size)?;
+                st.pending = Some(Dirty::All);
+            } else if size == 0 {
                 self.fresh_shadow(&mut st)?;
             } else {
                 self.ensure_shadow(&mut st)?;
@@ -1023,6 +1039,7 @@ impl Vfs {
             pending: None,
             writers: 1,
             orphaned: false,
+            in_place: false,
             _lock: Some(guard),
         }));
         w.insert(ino, st.clone());
@@ -1139,17 +1156,37 @@ impl Vfs {
             return Ok(Opened {
                 fh,
                 io: IoMode::Direct,
+                writer_key: None,
             });
         }
         let rel = self.path_of(ino)?;
         let passthrough = self.passthrough();
         if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
-            let file = Arc::new(self.open_store(&rel)?);
-            let io = if passthrough && self.writer_state(ino).is_none() {
+            let pt = passthrough && self.writer_state(ino).is_none();
+            // A passthrough backing file is opened read-write when we may (root), so that a
+            // writer arriving while it is in use can share it (see `set_in_place`).
+            let rw = if pt && self.is_root {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(self.full(&rel))
+                    .ok()
+                    .filter(|f| f.metadata().map(|m| m.is_file()).unwrap_or(false))
+            } else {
+                None
+            };
+            let writable = rw.is_some();
+            let file = Arc::new(match rw {
+                Some(f) => f,
+                None => self.open_store(&rel)?,
+            });
+            let io = if pt {
                 let md = file.metadata()?;
                 IoMode::Passthrough {
                     file: file.clone(),
                     key: (md.dev(), md.ino()),
+                    writable,
                 }
             } else if passthrough {
                 IoMode::Direct
@@ -1157,7 +1194,11 @@ impl Vfs {
                 IoMode::Cached
             };
             let fh = self.add_handle(Handle::Read { ino, file });
-            return Ok(Opened { fh, io });
+            return Ok(Opened {
+                fh,
+                io,
+                writer_key: None,
+            });
         }
         let state = self.acquire_writer(ino, &rel)?;
         if flags & libc::O_TRUNC != 0 {
@@ -1167,6 +1208,9 @@ impl Vfs {
                 return Err(e);
             }
         }
+        let writer_key = std::fs::symlink_metadata(self.full(&rel))
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let fh = self.add_handle(Handle::Write { ino, state });
         Ok(Opened {
             fh,
@@ -1175,7 +1219,49 @@ impl Vfs {
             } else {
                 IoMode::Cached
             },
+            writer_key,
         })
+    }
+
+    /// The adapter found the inode of writer `fh` open through passthrough and must give this
+    /// open the same backing file: switch its write state to in-place writing. Refused (EBUSY)
+    /// if a private copy already holds unpublished writes.
+    pub fn set_in_place(&self, fh: u64) -> VfsResult<()> {
+        let h = self.handle(fh)?;
+        let Handle::Write { state, .. } = h.as_ref() else {
+            return Err(VfsError::new(libc::EBADF, "not a writer"));
+        };
+        let mut st = lock(state);
+        if st.in_place {
+            return Ok(());
+        }
+        if let Some(sh) = &st.shadow {
+            // Only an O_TRUNC that has not been written to can move in place.
+            let empty = sh.file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+            if !(empty && st.pending == Some(Dirty::All)) {
+                return Err(VfsError::new(
+                    libc::EBUSY,
+                    "file is being written through a private copy",
+                ));
+            }
+            let rel = self.path_of(st.ino)?;
+            self.store_rw(&rel)?.set_len(0)?;
+            if let Some(sh) = st.shadow.take() {
+                let _ = std::fs::remove_file(&sh.path);
+            }
+        }
+        st.in_place = true;
+        st.pending = Some(Dirty::All);
+        Ok(())
+    }
+
+    fn store_rw(&self, rel: &RelPath) -> VfsResult<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.full(rel))
+            .map_err(|e| VfsError::io(rel, e))
     }
 
     pub fn create(
@@ -1251,6 +1337,14 @@ impl Vfs {
             return Err(VfsError::new(libc::EBADF, "file not open for writing"));
         };
         let mut st = lock(state);
+        if st.in_place {
+            let rel = self.path_of(st.ino)?;
+            self.store_rw(&rel)?
+                .write_all_at(data, offset)
+                .map_err(|e| VfsError::io("write", e))?;
+            st.pending = Some(Dirty::All);
+            return Ok(data.len() as u32);
+        }
         self.ensure_shadow(&mut st)?;
         let Some(sh) = &st.shadow else {
             return Err(VfsError::new(libc::EIO, "no shadow file"));
@@ -1270,7 +1364,12 @@ impl Vfs {
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
         let h = self.handle(fh)?;
         if let Handle::Write { state, .. } = h.as_ref() {
-            self.publish(&mut lock(state))?;
+            let mut st = lock(state);
+            if st.in_place {
+                // The kernel wrote without telling us: commit whatever is there now.
+                st.pending = Some(Dirty::All);
+            }
+            self.publish(&mut st)?;
         }
         Ok(())
     }
