@@ -138,30 +138,26 @@ impl FuseFs {
             .by_ino
             .get(&ino)
             .and_then(|e| e.id.upgrade().map(|id| (e.key, e.writable, id)));
-        if let Some(wkey) = o.writer_key {
-            let Some((key, writable, id)) = live else {
-                drop(b);
-                return reply.opened(FileHandle(fh), direct_or_cached(&o.io));
-            };
-            let shared = if key == wkey && writable {
-                self.vfs.set_in_place(fh)
-            } else {
-                Err(VfsError::new(
-                    libc::EBUSY,
-                    "an older version of this file is still open for reading",
-                ))
-            };
-            return match shared {
-                Ok(()) => {
-                    b.by_fh.insert(fh, id.clone());
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
-                }
-                Err(e) => {
+        // While an inode is open through passthrough, the kernel accepts only passthrough opens
+        // with the same backing file (anything else fails with EIO).
+        if let Some((key, writable, id)) = live {
+            if let Some(wkey) = o.writer_key {
+                let shared = if key == wkey && writable {
+                    self.vfs.set_in_place(fh)
+                } else {
+                    Err(VfsError::new(
+                        libc::EBUSY,
+                        "an older version of this file is still open for reading",
+                    ))
+                };
+                if let Err(e) = shared {
                     drop(b);
                     let _ = self.vfs.release(fh);
-                    reply.error(errno(&e))
+                    return reply.error(errno(&e));
                 }
-            };
+            }
+            b.by_fh.insert(fh, id.clone());
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
         let IoMode::Passthrough {
             file,
@@ -172,31 +168,26 @@ impl FuseFs {
             drop(b);
             return reply.opened(FileHandle(fh), direct_or_cached(&o.io));
         };
-        let id = match live {
-            Some((k, _, id)) if k == *key => id,
-            // Another version of the file is still open through passthrough.
-            Some(_) => return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            None => match reply.open_backing(file.as_ref()) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    b.by_ino.insert(
-                        ino,
-                        Backing {
-                            key: *key,
-                            writable: *writable,
-                            id: Arc::downgrade(&id),
-                        },
-                    );
-                    id
-                }
-                Err(e) => {
-                    tracing::debug!("passthrough refused for inode {ino}: {e}");
-                    return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-                }
-            },
-        };
-        b.by_fh.insert(fh, id.clone());
-        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        match reply.open_backing(file.as_ref()) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                b.by_ino.insert(
+                    ino,
+                    Backing {
+                        key: *key,
+                        writable: *writable,
+                        id: Arc::downgrade(&id),
+                    },
+                );
+                b.by_fh.insert(fh, id.clone());
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            }
+            Err(e) => {
+                // Direct I/O leaves the inode free for a later passthrough open.
+                tracing::debug!("passthrough refused for inode {ino}: {e}");
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+        }
     }
 
     fn drop_backing(&self, fh: u64) {

@@ -54,6 +54,8 @@ use name::ValidName;
 pub const MOUNT_MARKER: &str = "mount";
 /// How long an open for writing waits for the file lock (held by the sync applier).
 pub const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Files at least this big are read through kernel passthrough when possible.
+pub const PASSTHROUGH_MIN: u64 = 1 << 20;
 /// How long a read of a placeholder waits for its content.
 pub const FETCH_WAIT: Duration = Duration::from_secs(30);
 
@@ -315,6 +317,8 @@ enum Handle {
     Read {
         ino: u64,
         file: Arc<File>,
+        /// Opened through the page cache (counted in `cached_opens`).
+        cached: bool,
     },
     Write {
         ino: u64,
@@ -336,6 +340,8 @@ pub struct Vfs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     writers: Mutex<HashMap<u64, Arc<Mutex<WriteState>>>>,
+    /// Page-cached read opens per inode: passthrough may not start while any is open.
+    cached_opens: Mutex<HashMap<u64, usize>>,
     next_shadow: AtomicU64,
     locks: Arc<LockManager>,
     committer: Committer,
@@ -477,6 +483,7 @@ impl Vfs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writers: Mutex::new(HashMap::new()),
+            cached_opens: Mutex::new(HashMap::new()),
             next_shadow: AtomicU64::new(1),
             locks: opts.locks,
             committer,
@@ -1162,7 +1169,15 @@ impl Vfs {
         let rel = self.path_of(ino)?;
         let passthrough = self.passthrough();
         if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
-            let pt = passthrough && self.writer_state(ino).is_none();
+            // Passthrough only for large files nobody is writing and nobody has open through the
+            // page cache (the kernel refuses to mix the two I/O modes on one inode). Small files
+            // use the page cache: mmap works and the cost of going through us is tiny.
+            let pt = passthrough
+                && self.writer_state(ino).is_none()
+                && lock(&self.cached_opens).get(&ino).copied().unwrap_or(0) == 0
+                && std::fs::symlink_metadata(self.full(&rel))
+                    .map(|m| m.len() >= PASSTHROUGH_MIN)
+                    .unwrap_or(false);
             // A passthrough backing file is opened read-write when we may (root), so that a
             // writer arriving while it is in use can share it (see `set_in_place`).
             let rw = if pt && self.is_root {
@@ -1188,17 +1203,30 @@ impl Vfs {
                     key: (md.dev(), md.ino()),
                     writable,
                 }
-            } else if passthrough {
-                IoMode::Direct
             } else {
+                *lock(&self.cached_opens).entry(ino).or_default() += 1;
                 IoMode::Cached
             };
-            let fh = self.add_handle(Handle::Read { ino, file });
+            let cached = matches!(io, IoMode::Cached);
+            let fh = self.add_handle(Handle::Read { ino, file, cached });
             return Ok(Opened {
                 fh,
                 io,
                 writer_key: None,
             });
+        }
+        if passthrough {
+            // A program executed from the mount maps the store file (the passthrough backing):
+            // writing it must fail with ETXTBSY as on a local disk, not with the kernel's EIO.
+            let probe = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(self.full(&rel));
+            if let Err(e) = probe {
+                if e.raw_os_error() == Some(libc::ETXTBSY) {
+                    return Err(VfsError::io(&rel, e));
+                }
+            }
         }
         let state = self.acquire_writer(ino, &rel)?;
         if flags & libc::O_TRUNC != 0 {
@@ -1212,13 +1240,11 @@ impl Vfs {
             .ok()
             .map(|m| (m.dev(), m.ino()));
         let fh = self.add_handle(Handle::Write { ino, state });
+        // Writers always use direct I/O: their writes must not land in the page cache that
+        // readers of the old version share.
         Ok(Opened {
             fh,
-            io: if passthrough {
-                IoMode::Direct
-            } else {
-                IoMode::Cached
-            },
+            io: IoMode::Direct,
             writer_key,
         })
     }
@@ -1402,8 +1428,20 @@ impl Vfs {
     pub fn release(&self, fh: u64) -> VfsResult<()> {
         let h = lock(&self.handles).remove(&fh);
         if let Some(h) = h {
-            if let Handle::Write { ino, state } = h.as_ref() {
-                self.release_writer(*ino, state);
+            match h.as_ref() {
+                Handle::Write { ino, state } => self.release_writer(*ino, state),
+                Handle::Read {
+                    ino, cached: true, ..
+                } => {
+                    let mut c = lock(&self.cached_opens);
+                    if let Some(n) = c.get_mut(ino) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            c.remove(ino);
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -1545,6 +1583,15 @@ impl Vfs {
         };
         if let Some(ino) = ino {
             inv.inode(ino);
+            // The sync engine replaces a file by renaming a new one over it: give the path a
+            // fresh inode number on the next lookup, so opens of the new version never have to
+            // share kernel I/O state (page cache, passthrough backing) with the old one.
+            let is_dir = std::fs::symlink_metadata(self.full(path))
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
+            if !is_dir && !path.is_root() && self.writer_state(ino).is_none() {
+                lock(&self.inodes).unlink(path);
+            }
         }
         if let Some(parent) = parent {
             inv.entry(parent, path.file_name());
