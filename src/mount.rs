@@ -86,24 +86,33 @@ fn fusermount_u(path: &Path, lazy: bool) -> anyhow::Result<()> {
     )
 }
 
-/// A mount whose process died answers every access with ENOTCONN ("Transport endpoint is not
-/// connected"). Detach it lazily so the mount point is usable again. Returns whether one was
-/// cleared.
+/// Does `mountpoint` hold a FUSE mount whose process died? Such a mount answers with ENOTCONN
+/// ("Transport endpoint is not connected"). `statfs` is asked because it always reaches the
+/// file system; a `stat` of the root may be answered from the kernel's attribute cache.
+pub fn is_stale(mountpoint: &Path) -> bool {
+    let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; c is a valid C string.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut s) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Detach a stale mount (see [`is_stale`]) lazily so the mount point is usable again. Returns
+/// whether one was cleared.
 pub fn clear_stale(mountpoint: &Path) -> anyhow::Result<bool> {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!("clearing stale mount at {}", mountpoint.display());
-            match umount2(mountpoint, libc::MNT_DETACH) {
-                Ok(()) => Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                    fusermount_u(mountpoint, true)?;
-                    Ok(true)
-                }
-                Err(e) => Err(e)
-                    .with_context(|| format!("detaching stale mount {}", mountpoint.display())),
-            }
+    if !is_stale(mountpoint) {
+        return Ok(false);
+    }
+    tracing::warn!("clearing stale mount at {}", mountpoint.display());
+    match umount2(mountpoint, libc::MNT_DETACH) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            fusermount_u(mountpoint, true)?;
+            Ok(true)
         }
-        _ => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("detaching stale mount {}", mountpoint.display())),
     }
 }
 
