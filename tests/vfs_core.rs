@@ -232,10 +232,6 @@ fn namespace_operations() {
         f.vfs.lookup(ROOT_INO, os("e")).unwrap_err().errno(),
         libc::ENOENT
     );
-    assert_eq!(
-        f.vfs.link(x, ROOT_INO, os("hard")).unwrap_err().errno(),
-        libc::EPERM
-    );
     assert!(f.vfs.wait_committed(Duration::from_secs(10)));
     let ix = Index::open(&f.b).unwrap();
     // Gone from the index's view (a tombstone, or never recorded if the whole life of the
@@ -247,6 +243,23 @@ fn namespace_operations() {
             "{gone} still live"
         );
     }
+}
+
+#[test]
+fn hard_links_share_content_and_inode() {
+    let f = fixture();
+    let a = put(&f.vfs, "a", b"shared");
+    let l = f.vfs.link(a, ROOT_INO, os("b")).unwrap();
+    assert_eq!(l.ino, a);
+    assert_eq!(l.nlink, 2);
+    // A write through one name is seen through the other (written in place).
+    let w = f.vfs.open(a, libc::O_WRONLY).unwrap();
+    f.vfs.write(w.fh, 0, b"SHARED").unwrap();
+    f.vfs.release(w.fh).unwrap();
+    assert_eq!(std::fs::read(f.b.root.join("b")).unwrap(), b"SHARED");
+    f.vfs.unlink(ROOT_INO, os("a")).unwrap();
+    assert_eq!(f.vfs.getattr(a, None).unwrap().nlink, 1);
+    assert_eq!(f.vfs.lookup(ROOT_INO, os("b")).unwrap().ino, a);
 }
 
 #[test]

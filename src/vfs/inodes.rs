@@ -19,8 +19,24 @@ const FIRST_FREE: u64 = 16;
 
 #[derive(Debug)]
 struct Node {
-    path: Option<RelPath>,
+    /// Every path naming this inode (more than one for hard links); the first is used for
+    /// operations. Empty for an orphan.
+    paths: Vec<RelPath>,
     lookups: u64,
+}
+
+impl Node {
+    /// `old` now names nothing (`None`) or is called `new`.
+    fn replace(&mut self, old: &RelPath, new: Option<RelPath>) {
+        if let Some(i) = self.paths.iter().position(|p| p == old) {
+            match new {
+                Some(n) => self.paths[i] = n,
+                None => {
+                    self.paths.remove(i);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -46,7 +62,7 @@ impl InodeTable {
         t.nodes.insert(
             ROOT_INO,
             Node {
-                path: Some(RelPath::root()),
+                paths: vec![RelPath::root()],
                 lookups: 1,
             },
         );
@@ -56,7 +72,7 @@ impl InodeTable {
 
     /// Path of `ino`; `None` for unknown inodes and orphans.
     pub fn path(&self, ino: u64) -> Option<RelPath> {
-        self.nodes.get(&ino).and_then(|n| n.path.clone())
+        self.nodes.get(&ino).and_then(|n| n.paths.first().cloned())
     }
 
     pub fn exists(&self, ino: u64) -> bool {
@@ -77,7 +93,7 @@ impl InodeTable {
                 self.nodes.insert(
                     ino,
                     Node {
-                        path: Some(path.clone()),
+                        paths: vec![path.clone()],
                         lookups: 0,
                     },
                 );
@@ -91,6 +107,16 @@ impl InodeTable {
             }
         }
         ino
+    }
+
+    /// A hard link: `path` now names `ino` too (one more kernel reference).
+    pub fn add_link(&mut self, ino: u64, path: &RelPath) {
+        self.unlink(path);
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.paths.push(path.clone());
+            n.lookups += 1;
+            self.by_path.insert(path.clone(), ino);
+        }
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -107,7 +133,7 @@ impl InodeTable {
         };
         if gone {
             if let Some(node) = self.nodes.remove(&ino) {
-                if let Some(p) = node.path {
+                for p in node.paths {
                     if self.by_path.get(&p) == Some(&ino) {
                         self.by_path.remove(&p);
                     }
@@ -116,20 +142,26 @@ impl InodeTable {
         }
     }
 
-    /// `path` no longer names anything: its node (if any) becomes an orphan. Returns its number.
+    /// `path` no longer names anything: its node (if any) loses that name, and becomes an
+    /// orphan if it was the last one. Returns its number and whether it is now an orphan.
     pub fn unlink(&mut self, path: &RelPath) -> Option<u64> {
         let ino = self.by_path.remove(path)?;
         if let Some(n) = self.nodes.get_mut(&ino) {
-            n.path = None;
-            if n.lookups == 0 {
+            n.replace(path, None);
+            if n.paths.is_empty() && n.lookups == 0 {
                 self.nodes.remove(&ino);
             }
         }
         Some(ino)
     }
 
-    /// Move `from` (and everything below it) to `to`; whatever `to` named becomes an orphan,
-    /// whose number is returned.
+    /// Does `ino` still have a name?
+    pub fn is_orphan(&self, ino: u64) -> bool {
+        self.nodes.get(&ino).is_none_or(|n| n.paths.is_empty())
+    }
+
+    /// Move `from` (and everything below it) to `to`; whatever `to` named loses that name, and
+    /// its number is returned.
     pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> Option<u64> {
         let replaced = self.unlink(to);
         let moved: Vec<(RelPath, u64)> = self
@@ -141,18 +173,13 @@ impl InodeTable {
         for (old, ino) in moved {
             self.by_path.remove(&old);
             let suffix = &old.as_str()[from.as_str().len()..];
-            let new = format!("{}{}", to.as_str(), suffix);
-            let Ok(new) = RelPath::parse(&new) else {
-                // Cannot happen (both halves were valid); drop the node's path rather than panic.
-                if let Some(n) = self.nodes.get_mut(&ino) {
-                    n.path = None;
-                }
-                continue;
-            };
+            let new = RelPath::parse(&format!("{}{}", to.as_str(), suffix)).ok();
             if let Some(n) = self.nodes.get_mut(&ino) {
-                n.path = Some(new.clone());
+                n.replace(&old, new.clone());
             }
-            self.by_path.insert(new, ino);
+            if let Some(new) = new {
+                self.by_path.insert(new, ino);
+            }
         }
         replaced
     }
@@ -168,19 +195,33 @@ impl InodeTable {
         for (p, _) in &affected {
             self.by_path.remove(p);
         }
+        // Compute every new name first, so a node named under both a and b (hard links) is
+        // updated name by name.
+        let mut renamed = Vec::new();
         for (p, ino) in affected {
             let (from, to) = if p.starts_with(a) { (a, b) } else { (b, a) };
             let np = RelPath::parse_or_root(&format!(
                 "{}{}",
                 to.as_str(),
                 &p.as_str()[from.as_str().len()..]
-            ));
-            let np = np.ok();
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.path = np.clone();
+            ))
+            .ok();
+            renamed.push((p, np, ino));
+        }
+        for (old, new, ino) in &renamed {
+            if let Some(n) = self.nodes.get_mut(ino) {
+                if let Some(i) = n.paths.iter().position(|x| x == old) {
+                    if let Some(new) = new {
+                        n.paths[i] = new.clone();
+                    } else {
+                        n.paths.remove(i);
+                    }
+                }
             }
-            if let Some(np) = np {
-                self.by_path.insert(np, ino);
+        }
+        for (_, new, ino) in renamed {
+            if let Some(new) = new {
+                self.by_path.insert(new, ino);
             }
         }
     }
@@ -228,6 +269,7 @@ mod tests {
         assert_eq!(t.path(d), Some(p("x")));
         assert_eq!(t.path(f), Some(p("x/f")));
         assert_eq!(t.path(x), None);
+        assert!(t.is_orphan(x));
         assert!(t.exists(x), "orphan kept until forgotten");
         t.forget(x, 1);
         assert!(!t.exists(x));
@@ -235,6 +277,19 @@ mod tests {
         let dd = t.get_or_insert(&p("xy"), true);
         t.rename(&p("x"), &p("z"));
         assert_eq!(t.path(dd), Some(p("xy")));
+    }
+
+    #[test]
+    fn hard_links_share_a_number() {
+        let mut t = InodeTable::new();
+        let a = t.get_or_insert(&p("a"), true);
+        t.add_link(a, &p("b"));
+        assert_eq!(t.ino_of(&p("b")), Some(a));
+        t.unlink(&p("a"));
+        assert_eq!(t.path(a), Some(p("b")), "the other name carries on");
+        assert!(!t.is_orphan(a));
+        t.unlink(&p("b"));
+        assert!(t.is_orphan(a));
     }
 
     #[test]

@@ -912,12 +912,17 @@ impl Vfs {
         self.created(&child)
     }
 
-    pub fn link(&self, _ino: u64, _newparent: u64, _newname: &OsStr) -> VfsResult<Attr> {
-        // A hard link cannot be synced (the index and the peer know paths, not inodes).
-        Err(VfsError::new(
-            libc::EPERM,
-            "hard links are not supported in a mybox mount",
-        ))
+    /// A hard link. It works in the mount and the store; sync knows paths, not inodes, so the
+    /// peer gets two independent files. Writers of a multiply-linked file write in place (a
+    /// private copy renamed over one name would split the link).
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> VfsResult<Attr> {
+        let src = self.path_of(ino)?;
+        let (_, new) = self.child(newparent, newname)?;
+        std::fs::hard_link(self.full(&src), self.full(&new))
+            .map_err(|e| VfsError::io(format!("link {src} -> {new}"), e))?;
+        lock(&self.inodes).add_link(ino, &new);
+        self.committer.path(new.clone());
+        self.attr_of(ino, &new)
     }
 
     /// The node at `child` is gone: orphan its inode and stop any writer from publishing.
@@ -928,7 +933,11 @@ impl Vfs {
         }
     }
 
+    /// `ino` lost a name; if it has none left, its writers must never publish.
     fn orphan(&self, ino: u64) {
+        if !lock(&self.inodes).is_orphan(ino) {
+            return;
+        }
         if let Some(st) = self.writer_state(ino) {
             lock(&st).orphaned = true;
         }
@@ -1032,6 +1041,10 @@ impl Vfs {
                     format!("{rel} is being replaced by sync; try again"),
                 )
             })?;
+        // A multiply-linked file is written in place (see `link`).
+        let in_place = std::fs::symlink_metadata(self.full(rel))
+            .map(|m| m.nlink() > 1)
+            .unwrap_or(false);
         let base = match self.open_store(rel) {
             Ok(f) => Some(Arc::new(f)),
             // Write-only files cannot be opened for reading by a non-root mount; O_TRUNC writers
@@ -1046,7 +1059,7 @@ impl Vfs {
             pending: None,
             writers: 1,
             orphaned: false,
-            in_place: false,
+            in_place,
             _lock: Some(guard),
         }));
         w.insert(ino, st.clone());
@@ -1230,7 +1243,15 @@ impl Vfs {
         }
         let state = self.acquire_writer(ino, &rel)?;
         if flags & libc::O_TRUNC != 0 {
-            let r = self.fresh_shadow(&mut lock(&state));
+            let r = {
+                let mut st = lock(&state);
+                if st.in_place {
+                    st.pending = Some(Dirty::All);
+                    self.store_rw(&rel).and_then(|f| Ok(f.set_len(0)?))
+                } else {
+                    self.fresh_shadow(&mut st)
+                }
+            };
             if let Err(e) = r {
                 self.release_writer(ino, &state);
                 return Err(e);
