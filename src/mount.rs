@@ -150,6 +150,10 @@ pub struct MountConfig {
     /// Ask the kernel for passthrough reads of local files (root only: registering backing
     /// files needs CAP_SYS_ADMIN).
     pub passthrough: bool,
+    /// Make the store root the process's current directory and address store files relative
+    /// to it (paths up to PATH_MAX below the mount point then always fit a system call). Only
+    /// for a process that owns its current directory: `mybox mount`, the daemon.
+    pub chdir_to_store: bool,
 }
 
 impl Default for MountConfig {
@@ -157,6 +161,7 @@ impl Default for MountConfig {
         MountConfig {
             allow_other: is_root(),
             passthrough: is_root(),
+            chdir_to_store: false,
         }
     }
 }
@@ -206,6 +211,11 @@ pub fn mount(b: &BoxDir, mountpoint: &Path, cfg: &MountConfig) -> anyhow::Result
     }
     let device = crate::scan::device_short(b)?;
     let vfs = Arc::new(Vfs::new(b.clone(), device, VfsOptions::default())?);
+    if cfg.chdir_to_store {
+        std::env::set_current_dir(&b.root)
+            .with_context(|| format!("entering {}", b.root.display()))?;
+        vfs.use_relative_paths()?;
+    }
     let fs = FuseFs::new(vfs.clone(), cfg.passthrough);
     let session = fuser::Session::new(fs, &mp, &fuser_config(cfg))
         .with_context(|| format!("mounting {}", mp.display()))?;
@@ -238,7 +248,12 @@ pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()
     // Modes asked for by callers are applied exactly (the kernel already applied their umask).
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
-    let cfg = MountConfig::default();
+    let cfg = MountConfig {
+        chdir_to_store: true,
+        ..MountConfig::default()
+    };
+    // Resolve the mount point before leaving the current directory.
+    let mountpoint = std::path::absolute(&mountpoint).unwrap_or(mountpoint);
     let mut m = mount(&b, &mountpoint, &cfg)?;
     let mp = m.mountpoint.clone();
     let mut unmounter = m.unmounter();

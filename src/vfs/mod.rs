@@ -349,6 +349,8 @@ pub struct Vfs {
     source: Arc<dyn ContentSource>,
     invalidator: RwLock<Option<Arc<dyn Invalidator>>>,
     passthrough: AtomicBool,
+    /// Store paths are relative to the current directory (see `use_relative_paths`).
+    relative: AtomicBool,
     is_root: bool,
     owner: (u32, u32),
 }
@@ -491,6 +493,7 @@ impl Vfs {
             source: opts.source,
             invalidator: RwLock::new(None),
             passthrough: AtomicBool::new(false),
+            relative: AtomicBool::new(false),
             is_root: uid == 0,
             owner: (uid, gid),
         })
@@ -549,7 +552,38 @@ impl Vfs {
     fn full(&self, p: &RelPath) -> PathBuf {
         // Paths come from the inode table, built from lookups the kernel made one component at a
         // time over real directories, so no component is a symlink to follow.
-        p.to_fs(&self.root)
+        if self.relative.load(Ordering::Relaxed) {
+            if p.is_root() {
+                PathBuf::from(".")
+            } else {
+                PathBuf::from(p.as_str())
+            }
+        } else {
+            p.to_fs(&self.root)
+        }
+    }
+
+    /// Address store files relative to the current directory, which the caller has made the
+    /// store root (`mybox mount` does). A path the kernel may hand us is up to PATH_MAX long
+    /// below the mount point; prefixed with a longer store path it would no longer fit in one
+    /// system call, relative to the store root it always does.
+    ///
+    /// # Errors
+    /// Refused unless the current directory is the store root.
+    pub fn use_relative_paths(&self) -> VfsResult<()> {
+        let cwd = std::env::current_dir()?;
+        let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        };
+        if !same(&cwd, &self.root) {
+            return Err(VfsError::new(
+                libc::EINVAL,
+                "the current directory is not the store root",
+            ));
+        }
+        self.relative.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> VfsResult<(RelPath, RelPath)> {
