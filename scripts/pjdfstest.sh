@@ -48,6 +48,7 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.1; done
     kill "$mpid" 2>/dev/null || true
     if [[ -z "${KEEP:-}" ]]; then rm -rf "$work/store" "$mnt"; fi
+    if [[ -n "${secondary:-}" ]]; then rm -rf "$secondary"; fi
 }
 trap cleanup EXIT
 
@@ -63,6 +64,7 @@ cat >"$work/pjdfstest.toml" <<TOML
 utime_now = {}
 utimensat = {}
 rename_ctime = {}
+posix_fallocate = {}
 
 [settings]
 naptime = 0.001
@@ -78,8 +80,11 @@ TOML
 # pjdfstest runs its cases in the directory it is given, which must be writable by the dummy
 # users for the permission tests.
 chmod 777 "$mnt"
+# A directory on another file system (tmpfs) for the EXDEV cases.
+secondary="$(mktemp -d /dev/shm/mybox-pjdfstest.XXXXXX)"
+chmod 777 "$secondary"
 set +e
-(cd "$mnt" && timeout 900 "$PJDFSTEST" -c "$work/pjdfstest.toml" -p "$mnt" "$@") >"$log" 2>&1
+(cd "$mnt" && timeout 900 "$PJDFSTEST" -c "$work/pjdfstest.toml" -p "$mnt" -s "$secondary" "$@") >"$log" 2>&1
 rc=$?
 set -e
 

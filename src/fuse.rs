@@ -561,6 +561,24 @@ impl Filesystem for FuseFs {
         reply.error(Errno::ENODATA);
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match guard("fallocate", || {
+            self.vfs.fallocate(fh.0, offset, length, mode)
+        }) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match guard("statfs", || self.vfs.statfs()) {
             Ok(s) => reply.statfs(

@@ -1440,6 +1440,40 @@ impl Vfs {
         Ok(data.len() as u32)
     }
 
+    /// `posix_fallocate` / `fallocate` on a file open for writing: applied to the writer's
+    /// version like a write.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> VfsResult<()> {
+        let h = self.handle(fh)?;
+        let Handle::Write { state, .. } = h.as_ref() else {
+            return Err(VfsError::new(libc::EBADF, "file not open for writing"));
+        };
+        let mut st = lock(state);
+        let fallocate = |f: &File| -> VfsResult<()> {
+            // SAFETY: f is an open file; the kernel checks the arguments.
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            };
+            errno_result(r, "fallocate")
+        };
+        if st.in_place {
+            let rel = self.path_of(st.ino)?;
+            fallocate(&self.store_rw(&rel)?)?;
+            st.pending = Some(Dirty::All);
+            return Ok(());
+        }
+        self.ensure_shadow(&mut st)?;
+        if let Some(sh) = &st.shadow {
+            fallocate(&sh.file)?;
+        }
+        merge_pending(&mut st.pending, Dirty::Blocks(blocks_of(offset, length)));
+        Ok(())
+    }
+
     /// `close` of one descriptor: writers publish, so an `open` after this `close` sees the new
     /// version (close-to-open).
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
