@@ -68,7 +68,7 @@ posix_fallocate = {}
 
 [settings]
 naptime = 0.001
-allow_remount = false
+allow_remount = ${ALLOW_REMOUNT:-false}
 
 [dummy_auth]
 entries = [
