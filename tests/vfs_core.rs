@@ -517,3 +517,25 @@ fn invalidate_reaches_the_kernel_notifier() {
     assert_ne!(a.ino, ino);
     assert_eq!(a.size, 9);
 }
+
+#[test]
+fn writer_waits_for_the_sync_lock() {
+    let f = fixture();
+    let ino = put(&f.vfs, "locked", b"v1");
+    // The sync applier holds the file for a moment.
+    let g = f
+        .vfs
+        .locks()
+        .try_lock(&p("locked"), mybox::locks::Mode::Exclusive)
+        .unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(g);
+    });
+    let start = std::time::Instant::now();
+    let w = f.vfs.open(ino, libc::O_WRONLY).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    // Meanwhile the rest of the mount answered (the wait holds no vfs-wide lock).
+    f.vfs.release(w.fh).unwrap();
+    t.join().unwrap();
+}

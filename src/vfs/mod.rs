@@ -1066,15 +1066,26 @@ impl Vfs {
             lock(s).writers += 1;
             return Ok(s.clone());
         }
-        let guard = self
-            .locks
-            .lock(rel, Mode::Exclusive, WRITE_LOCK_WAIT)
-            .ok_or_else(|| {
-                VfsError::new(
-                    libc::EBUSY,
-                    format!("{rel} is being replaced by sync; try again"),
-                )
-            })?;
+        let guard = match self.locks.try_lock(rel, Mode::Exclusive) {
+            Some(g) => g,
+            None => {
+                // Held by the sync applier (or a sender): wait without blocking the rest of the
+                // mount, then look again (another opener may have won meanwhile).
+                drop(w);
+                let g = self
+                    .locks
+                    .lock(rel, Mode::Exclusive, WRITE_LOCK_WAIT)
+                    .ok_or_else(|| {
+                        VfsError::new(libc::EBUSY, format!("{rel} is busy (sync); try again"))
+                    })?;
+                w = lock(&self.writers);
+                if let Some(s) = w.get(&ino) {
+                    lock(s).writers += 1;
+                    return Ok(s.clone());
+                }
+                g
+            }
+        };
         // A multiply-linked file is written in place (see `link`).
         let in_place = std::fs::symlink_metadata(self.full(rel))
             .map(|m| m.nlink() > 1)
