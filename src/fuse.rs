@@ -21,8 +21,9 @@ use crate::vfs::hooks::Invalidator;
 use crate::vfs::{Attr, Caller, FileKind, IoMode, Opened, SetAttr, TimeSet, Vfs, VfsError};
 
 /// How long the kernel may cache attributes and entries. Changes made through the mount update
-/// the kernel's view directly; changes from sync are pushed with [`Vfs::invalidate`].
-pub const TTL: Duration = Duration::from_secs(1);
+/// the kernel's view directly; changes from sync are pushed with [`Vfs::invalidate`]; only edits
+/// made to the store behind the mount's back wait this long to show.
+pub const TTL: Duration = Duration::from_secs(10);
 
 /// Backing files registered for passthrough, per inode: every passthrough open of one inode
 /// must use the same backing file, so registrations are shared while any open holds them.
@@ -470,7 +471,12 @@ impl Filesystem for FuseFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match guard("opendir", || self.vfs.opendir(ino.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel may cache the listing: changes made through the mount invalidate it,
+            // changes from sync come through `Vfs::invalidate`.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -523,8 +529,8 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    // Extended attributes are not synced, so the mount has none (ENODATA / an empty list)
-    // and refuses to store them (ENOTSUP), quietly.
+    // Extended attributes are not synced, so the mount keeps none. ENOSYS makes the kernel stop
+    // asking (callers get EOPNOTSUPP) instead of paying a round trip per `ls -l` entry.
     fn getxattr(
         &self,
         _req: &Request,
@@ -533,15 +539,11 @@ impl Filesystem for FuseFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::ENODATA);
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn setxattr(
@@ -554,11 +556,11 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTSUP));
+        reply.error(Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENODATA);
+        reply.error(Errno::ENOSYS);
     }
 
     fn fallocate(

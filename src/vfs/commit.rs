@@ -51,6 +51,7 @@ impl Dirty {
 
 enum Job {
     File(RelPath, Dirty),
+    Entry(RelPath),
     Path(RelPath),
     Flush(mpsc::Sender<()>),
 }
@@ -87,7 +88,12 @@ impl Committer {
         self.send(Job::File(path, dirty));
     }
 
-    /// Something else changed at `path` (created, removed, renamed, metadata).
+    /// A directory, symlink or special file was just created at `path`.
+    pub fn entry(&self, path: RelPath) {
+        self.send(Job::Entry(path));
+    }
+
+    /// Something else changed at `path` (removed, renamed, metadata).
     pub fn path(&self, path: RelPath) {
         self.send(Job::Path(path));
     }
@@ -128,6 +134,7 @@ fn run(
         // Drain what else is queued: one batch, each path once.
         let mut files: BTreeMap<RelPath, Dirty> = BTreeMap::new();
         let mut paths: BTreeSet<RelPath> = BTreeSet::new();
+        let mut entries: BTreeSet<RelPath> = BTreeSet::new();
         let mut acks = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next {
@@ -141,6 +148,9 @@ fn run(
                 Job::Path(p) => {
                     paths.insert(p);
                 }
+                Job::Entry(p) => {
+                    entries.insert(p);
+                }
                 Job::Flush(ack) => acks.push(ack),
             }
             next = rx.try_recv().ok();
@@ -151,6 +161,16 @@ fn run(
                 continue; // the path job below rescans it anyway
             }
             match commit_file(&b, index, device, &ignore, &p, &d) {
+                Ok(true) => changed.push(p),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("committing {p} to the index: {e:#}"),
+            }
+        }
+        for p in entries {
+            if paths.contains(&p) {
+                continue;
+            }
+            match commit_entry(&b, index, device, &ignore, &p) {
                 Ok(true) => changed.push(p),
                 Ok(false) => {}
                 Err(e) => tracing::warn!("committing {p} to the index: {e:#}"),
@@ -175,6 +195,62 @@ fn run(
             let _ = a.send(());
         }
     }
+}
+
+/// Record one new directory, symlink or special file without a rescan; `Ok(true)` if it got
+/// a new version. Anything else (it vanished, or turned out to be a regular file) goes through
+/// the generic scan of that path.
+pub fn commit_entry(
+    b: &BoxDir,
+    index: &mut Index,
+    device: u64,
+    ignore: &IgnoreRules,
+    path: &RelPath,
+) -> anyhow::Result<bool> {
+    let entry = match disk_entry(&b.root, path) {
+        Ok(Some(e)) if e.kind != Kind::File => e,
+        Ok(None) => return Ok(false), // special files are not synced
+        _ => {
+            let s = scan::scan(b, index, device, path, HashWanted::All)?;
+            return Ok(!s.changed.is_empty());
+        }
+    };
+    if ignore.is_ignored(path, entry.kind == Kind::Dir) {
+        return Ok(false);
+    }
+    let old = index.get(path)?;
+    if let Some(o) = &old {
+        let r = &o.record;
+        if !r.deleted && r.kind == entry.kind && r.mode == entry.mode && r.target == entry.target {
+            return Ok(false);
+        }
+    }
+    let mut version = old
+        .as_ref()
+        .map(|o| o.record.version.clone())
+        .unwrap_or_default();
+    version.bump(device);
+    let rec = Record {
+        path: path.clone(),
+        kind: entry.kind,
+        size: 0,
+        mtime_ns: entry.mtime_ns,
+        mode: entry.mode,
+        target: entry.target.clone(),
+        md5: None,
+        sha256: None,
+        blocks: Vec::new(),
+        version,
+        deleted: false,
+        sequence: 0,
+        modified_by: device,
+    };
+    index.transaction(|ix| {
+        let mut rec = rec;
+        rec.sequence = ix.next_sequence()?;
+        ix.put(&rec, Some(entry.stat))
+    })?;
+    Ok(true)
 }
 
 /// Update the index for one regular file just published; `Ok(true)` if it got a new version.

@@ -873,10 +873,14 @@ impl Vfs {
     }
 
     /// After creating `child`: its inode (one kernel reference) and attributes.
-    fn created(&self, child: &RelPath) -> VfsResult<Attr> {
+    /// After creating `child`: its inode (one kernel reference) and attributes. `commit`: queue
+    /// the new entry for the index (a new regular file is committed on publish instead).
+    fn created(&self, child: &RelPath, commit: bool) -> VfsResult<Attr> {
         let md = std::fs::symlink_metadata(self.full(child))?;
         let ino = lock(&self.inodes).get_or_insert(child, true);
-        self.committer.path(child.clone());
+        if commit {
+            self.committer.entry(child.clone());
+        }
         Ok(Attr::from_meta(ino, &md))
     }
 
@@ -905,7 +909,7 @@ impl Vfs {
         // SAFETY: c is a valid C string. The process umask may have cut bits: set them exactly.
         errno_result(unsafe { libc::chmod(c.as_ptr(), perm) }, &child)?;
         self.set_owner(caller, &dir, &full, perm)?;
-        self.created(&child)
+        self.created(&child, true)
     }
 
     pub fn mkdir(
@@ -929,7 +933,7 @@ impl Vfs {
         // SAFETY: as above.
         errno_result(unsafe { libc::chmod(c.as_ptr(), perm | inherited) }, &child)?;
         self.set_owner(caller, &dir, &full, perm | inherited)?;
-        self.created(&child)
+        self.created(&child, true)
     }
 
     pub fn symlink(
@@ -943,7 +947,7 @@ impl Vfs {
         let full = self.full(&child);
         std::os::unix::fs::symlink(target, &full).map_err(|e| VfsError::io(&child, e))?;
         self.set_owner(caller, &dir, &full, libc::S_IFLNK)?;
-        self.created(&child)
+        self.created(&child, true)
     }
 
     /// A hard link. It works in the mount and the store; sync knows paths, not inodes, so the
@@ -955,7 +959,7 @@ impl Vfs {
         std::fs::hard_link(self.full(&src), self.full(&new))
             .map_err(|e| VfsError::io(format!("link {src} -> {new}"), e))?;
         lock(&self.inodes).add_link(ino, &new);
-        self.committer.path(new.clone());
+        self.committer.file(new.clone(), Dirty::All);
         self.attr_of(ino, &new)
     }
 
@@ -1165,7 +1169,11 @@ impl Vfs {
             return Ok(());
         }
         let sh = self.new_shadow_file(st.base.as_deref())?;
-        if let Some(base) = &st.base {
+        let empty = st
+            .base
+            .as_ref()
+            .is_none_or(|b| b.metadata().map(|m| m.len() == 0).unwrap_or(false));
+        if let (Some(base), false) = (&st.base, empty) {
             if let Err(e) = copy_contents(base, &sh.file) {
                 let _ = std::fs::remove_file(&sh.path);
                 return Err(VfsError::io("copying into a shadow file", e));
@@ -1384,9 +1392,14 @@ impl Vfs {
         }
         drop(f);
         self.set_owner(caller, &dir, &full, perm)?;
-        let attr = self.created(&child)?;
-        // The new (empty) file is committed by `created`; content is committed on publish.
+        let attr = self.created(&child, false)?;
         let opened = self.open(attr.ino, flags & !(libc::O_CREAT | libc::O_EXCL))?;
+        // The new file is committed once, when its writer publishes (or now, if it was
+        // created read-only): never one commit for the empty file and another for its content.
+        match self.handle(opened.fh)?.as_ref() {
+            Handle::Write { state, .. } => merge_pending(&mut lock(state).pending, Dirty::All),
+            _ => self.committer.file(child, Dirty::All),
+        }
         Ok((attr, opened))
     }
 
