@@ -15,6 +15,7 @@ if [[ -z "$bin" || "$bin" == "--" ]]; then
 else
     shift
 fi
+bin="$(realpath "$bin")"
 [[ "${1:-}" == "--" ]] && shift
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -539,3 +539,46 @@ fn writer_waits_for_the_sync_lock() {
     f.vfs.release(w.fh).unwrap();
     t.join().unwrap();
 }
+
+#[test]
+fn a_new_file_reaches_the_store_at_its_first_close() {
+    let f = fixture();
+    let (a, o) = f
+        .vfs
+        .create(ME, ROOT_INO, os("new"), 0o640, 0, libc::O_WRONLY)
+        .unwrap();
+    f.vfs.write(o.fh, 0, b"partial").unwrap();
+    // Not in the store (sync cannot see it half-written), yet visible in the mount.
+    assert!(!f.b.root.join("new").exists());
+    assert_eq!(f.vfs.lookup(ROOT_INO, os("new")).unwrap().ino, a.ino);
+    assert_eq!(f.vfs.getattr(a.ino, None).unwrap().size, 7);
+    let dh = f.vfs.opendir(ROOT_INO).unwrap();
+    assert!(f
+        .vfs
+        .readdir(dh, 0)
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "new"));
+    // Another reader sees the published version: still empty.
+    let r = f.vfs.open(a.ino, libc::O_RDONLY).unwrap();
+    assert!(read_all(&f.vfs, r.fh).is_empty());
+    f.vfs.flush(o.fh).unwrap();
+    f.vfs.release(o.fh).unwrap();
+    assert_eq!(std::fs::read(f.b.root.join("new")).unwrap(), b"partial");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(f.b.root.join("new"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    // Unlinking a file still being created leaves nothing behind.
+    let (_, o2) = f
+        .vfs
+        .create(ME, ROOT_INO, os("tmp"), 0o644, 0, libc::O_WRONLY)
+        .unwrap();
+    f.vfs.write(o2.fh, 0, b"x").unwrap();
+    f.vfs.unlink(ROOT_INO, os("tmp")).unwrap();
+    f.vfs.release(o2.fh).unwrap();
+    assert!(!f.b.root.join("tmp").exists());
+    assert_eq!(std::fs::read_dir(f.b.tmp_dir()).unwrap().count(), 0);
+}

@@ -17,6 +17,7 @@ if [[ -z "$bin" ]]; then
     (cd "$here" && cargo build --quiet --release --bin mybox)
     bin="$here/target/release/mybox"
 fi
+bin="$(realpath "$bin")"
 RUNS="${RUNS:-3}"
 BIG_MB="${BIG_MB:-1024}"
 SSH_PORT="${SSH_PORT:-2232}"

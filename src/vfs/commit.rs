@@ -52,6 +52,7 @@ impl Dirty {
 enum Job {
     File(RelPath, Dirty),
     Entry(RelPath),
+    Gone(RelPath),
     Path(RelPath),
     Flush(mpsc::Sender<()>),
 }
@@ -91,6 +92,11 @@ impl Committer {
     /// A directory, symlink or special file was just created at `path`.
     pub fn entry(&self, path: RelPath) {
         self.send(Job::Entry(path));
+    }
+
+    /// A file or symlink at `path` was unlinked.
+    pub fn gone(&self, path: RelPath) {
+        self.send(Job::Gone(path));
     }
 
     /// Something else changed at `path` (removed, renamed, metadata).
@@ -135,6 +141,7 @@ fn run(
         let mut files: BTreeMap<RelPath, Dirty> = BTreeMap::new();
         let mut paths: BTreeSet<RelPath> = BTreeSet::new();
         let mut entries: BTreeSet<RelPath> = BTreeSet::new();
+        let mut gone: BTreeSet<RelPath> = BTreeSet::new();
         let mut acks = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next {
@@ -151,11 +158,25 @@ fn run(
                 Job::Entry(p) => {
                     entries.insert(p);
                 }
+                Job::Gone(p) => {
+                    gone.insert(p);
+                }
                 Job::Flush(ack) => acks.push(ack),
             }
             next = rx.try_recv().ok();
         }
         let mut changed = Vec::new();
+        for p in gone {
+            if paths.contains(&p) || files.contains_key(&p) || entries.contains(&p) {
+                paths.insert(p); // recreated meanwhile: let the scan decide
+                continue;
+            }
+            match tombstone(&b, index, device, &p) {
+                Ok(true) => changed.push(p),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("committing {p} to the index: {e:#}"),
+            }
+        }
         for (p, d) in files {
             if paths.contains(&p) {
                 continue; // the path job below rescans it anyway
@@ -195,6 +216,40 @@ fn run(
             let _ = a.send(());
         }
     }
+}
+
+/// Mark an unlinked file or symlink deleted without a rescan (a directory, or a path that is
+/// back on disk, goes through the scan).
+pub fn tombstone(
+    b: &BoxDir,
+    index: &mut Index,
+    device: u64,
+    path: &RelPath,
+) -> anyhow::Result<bool> {
+    let Some(old) = index.get(path)? else {
+        return Ok(false);
+    };
+    let on_disk = std::fs::symlink_metadata(path.to_fs(&b.root)).is_ok();
+    if old.record.kind == Kind::Dir || on_disk {
+        let s = scan::scan(b, index, device, path, HashWanted::All)?;
+        return Ok(!s.changed.is_empty());
+    }
+    if old.record.deleted {
+        return Ok(false);
+    }
+    let mut rec = old.record;
+    rec.deleted = true;
+    rec.md5 = None;
+    rec.sha256 = None;
+    rec.blocks.clear();
+    rec.size = 0;
+    rec.version.bump(device);
+    rec.modified_by = device;
+    index.transaction(|ix| {
+        rec.sequence = ix.next_sequence()?;
+        ix.put(&rec, None)
+    })?;
+    Ok(true)
 }
 
 /// Record one new directory, symlink or special file without a rescan; `Ok(true)` if it got

@@ -305,6 +305,9 @@ struct WriteState {
     writers: usize,
     /// The path was unlinked or replaced while open: never publish.
     orphaned: bool,
+    /// Created by this mount and not published yet: the file exists only as its shadow (the
+    /// store, and so sync, sees it at the first close).
+    created: bool,
     /// Writes go straight to the store file (through kernel passthrough), not to a shadow:
     /// the kernel requires every open of an inode already open through passthrough to share
     /// its backing file, so a writer arriving while passthrough readers are open cannot be
@@ -671,6 +674,12 @@ impl Vfs {
                 Ok(Attr::from_meta(ino, &md))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pending = lock(&self.inodes).ino_of(&child);
+                if let Some(ino) = pending.filter(|&i| self.is_pending(i)) {
+                    let a = self.attr_of(ino, &child)?;
+                    lock(&self.inodes).get_or_insert(&child, true);
+                    return Ok(a);
+                }
                 match self.remote.placeholder(&child) {
                     Some(r) => {
                         let ino = lock(&self.inodes).get_or_insert(&child, true);
@@ -956,6 +965,7 @@ impl Vfs {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> VfsResult<Attr> {
         let src = self.path_of(ino)?;
         let (_, new) = self.child(newparent, newname)?;
+        self.publish_pending(ino)?;
         std::fs::hard_link(self.full(&src), self.full(&new))
             .map_err(|e| VfsError::io(format!("link {src} -> {new}"), e))?;
         lock(&self.inodes).add_link(ino, &new);
@@ -983,9 +993,17 @@ impl Vfs {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> VfsResult<()> {
         let (_, child) = self.child(parent, name)?;
+        let ino = lock(&self.inodes).ino_of(&child);
+        if let Some(ino) = ino.filter(|&i| self.is_pending(i)) {
+            if !self.full(&child).exists() {
+                lock(&self.inodes).unlink(&child);
+                self.orphan(ino);
+                return Ok(());
+            }
+        }
         std::fs::remove_file(self.full(&child)).map_err(|e| VfsError::io(&child, e))?;
         self.forget_path(&child);
-        self.committer.path(child);
+        self.committer.gone(child);
         Ok(())
     }
 
@@ -1007,6 +1025,12 @@ impl Vfs {
     ) -> VfsResult<()> {
         let (_, from) = self.child(parent, name)?;
         let (_, to) = self.child(newparent, newname)?;
+        for p in [&from, &to] {
+            let ino = lock(&self.inodes).ino_of(p);
+            if let Some(ino) = ino {
+                self.publish_pending(ino)?;
+            }
+        }
         let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !known != 0 {
             return Err(VfsError::new(libc::EINVAL, "unsupported rename flags"));
@@ -1108,6 +1132,7 @@ impl Vfs {
             pending: None,
             writers: 1,
             orphaned: false,
+            created: false,
             in_place,
             _lock: Some(guard),
         }));
@@ -1210,6 +1235,7 @@ impl Vfs {
                 return Err(err);
             }
             st.base = Some(sh.file);
+            st.created = false;
         }
         if let Some(d) = st.pending.take() {
             self.committer.file(rel, d);
@@ -1234,6 +1260,15 @@ impl Vfs {
         }
         let rel = self.path_of(ino)?;
         let passthrough = self.passthrough();
+        if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 && self.is_pending(ino) {
+            // Being created by another descriptor: its published version is still empty.
+            let fh = self.add_handle(Handle::Static { data: Vec::new() });
+            return Ok(Opened {
+                fh,
+                io: IoMode::Direct,
+                writer_key: None,
+            });
+        }
         if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
             // Passthrough only for large files nobody is writing and nobody has open through the
             // page cache (the kernel refuses to mix the two I/O modes on one inode). Small files
@@ -1376,6 +1411,17 @@ impl Vfs {
         let (dir, child) = self.child(parent, name)?;
         let full = self.full(&child);
         let perm = mode & 0o7777 & !umask;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            match std::fs::symlink_metadata(&full) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return self.create_pending(caller, &dir, &child, perm);
+                }
+                Ok(_) if flags & libc::O_EXCL != 0 => {
+                    return Err(VfsError::new(libc::EEXIST, format!("{child} exists")));
+                }
+                _ => {}
+            }
+        }
         let mut oo = std::fs::OpenOptions::new();
         oo.write(true)
             .mode(perm)
@@ -1401,6 +1447,69 @@ impl Vfs {
             _ => self.committer.file(child, Dirty::All),
         }
         Ok((attr, opened))
+    }
+
+    /// A new file written through the mount exists only as its shadow until its first close:
+    /// one file created per new file (not an empty store file plus a copy), and sync never sees
+    /// it half-written. Lookup, getattr and readdir show it meanwhile.
+    fn create_pending(
+        &self,
+        caller: Caller,
+        dir: &RelPath,
+        child: &RelPath,
+        perm: u32,
+    ) -> VfsResult<(Attr, Opened)> {
+        let sh = self.new_shadow_file(None)?;
+        use std::os::unix::fs::PermissionsExt;
+        let setup = (|| -> VfsResult<()> {
+            sh.file
+                .set_permissions(std::fs::Permissions::from_mode(perm))?;
+            self.set_owner(caller, dir, &sh.path, perm)
+        })();
+        if let Err(e) = setup {
+            let _ = std::fs::remove_file(&sh.path);
+            return Err(e);
+        }
+        let guard = self.locks.try_lock(child, Mode::Exclusive);
+        let ino = lock(&self.inodes).get_or_insert(child, true);
+        let attr = Attr::from_meta(ino, &sh.file.metadata()?);
+        let state = Arc::new(Mutex::new(WriteState {
+            ino,
+            base: None,
+            shadow: Some(sh),
+            pending: Some(Dirty::All),
+            writers: 1,
+            orphaned: false,
+            created: true,
+            in_place: false,
+            _lock: guard,
+        }));
+        lock(&self.writers).insert(ino, state.clone());
+        let fh = self.add_handle(Handle::Write { ino, state });
+        Ok((
+            attr,
+            Opened {
+                fh,
+                io: IoMode::Direct,
+                writer_key: None,
+            },
+        ))
+    }
+
+    /// Is `ino` a file created through the mount and not yet published?
+    fn is_pending(&self, ino: u64) -> bool {
+        self.writer_state(ino).is_some_and(|s| lock(&s).created)
+    }
+
+    /// Publish a pending new file now (before an operation that needs it in the store).
+    fn publish_pending(&self, ino: u64) -> VfsResult<()> {
+        if let Some(s) = self.writer_state(ino) {
+            let mut st = lock(&s);
+            if st.created {
+                self.publish(&mut st)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
@@ -1612,6 +1721,25 @@ impl Vfs {
             }
         } else if self.remote.placeholder(&rel).is_none() {
             return Err(VfsError::enoent(&rel));
+        }
+        // Files being created through the mount, not in the store until their first close.
+        let pending: Vec<u64> = lock(&self.writers)
+            .iter()
+            .filter(|(_, st)| {
+                let st = lock(st);
+                st.created && !st.orphaned
+            })
+            .map(|(ino, _)| *ino)
+            .collect();
+        if !pending.is_empty() {
+            let t = lock(&self.inodes);
+            for ino in pending {
+                if let Some(p) = t.path(ino) {
+                    if p.parent().as_ref() == Some(&rel) && seen.insert(p.file_name().to_string()) {
+                        names.push((p.file_name().to_string(), FileKind::File));
+                    }
+                }
+            }
         }
         for r in self.remote.placeholders_in(&rel) {
             let n = r.path.file_name().to_string();
