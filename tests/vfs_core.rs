@@ -94,6 +94,12 @@ fn write_then_read_and_commit_bumps_version() {
     assert_eq!(std::fs::read(f.b.root.join("a.txt")).unwrap(), b"two!");
     // No shadow left behind.
     assert_eq!(std::fs::read_dir(f.b.tmp_dir()).unwrap().count(), 0);
+    let mut names: Vec<String> = std::fs::read_dir(&f.b.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![".mybox", "a.txt"]);
 }
 
 #[test]

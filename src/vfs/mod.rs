@@ -288,9 +288,27 @@ impl Default for VfsOptions {
     }
 }
 
+/// A writer's private copy. It lives next to the file it will replace, under a hidden
+/// `.mybox-part` name (never listed, looked up or synced): the rename that publishes it stays
+/// inside one directory, and new inodes are allocated near their directory as for any file
+/// (one staging directory for everything makes ext4 inode allocation crawl).
 struct Shadow {
     path: PathBuf,
     file: Arc<File>,
+}
+
+impl Shadow {
+    /// Where the shadow is now: its directory may have been renamed since it was created.
+    fn current_path(&self) -> PathBuf {
+        match std::fs::read_link(format!("/proc/self/fd/{}", self.file.as_raw_fd())) {
+            Ok(p) if !p.as_os_str().as_bytes().ends_with(b" (deleted)") => p,
+            _ => self.path.clone(),
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(self.current_path());
+    }
 }
 
 /// Everything the writers of one inode share.
@@ -768,30 +786,42 @@ impl Vfs {
         // publish), else to the store entry.
         let shadow = self
             .writer_state(ino)
-            .and_then(|s| lock(&s).shadow.as_ref().map(|sh| sh.path.clone()));
-        let target = shadow.clone().unwrap_or_else(|| self.full(&rel));
-        let c = cpath(&target)?;
+            .and_then(|s| lock(&s).shadow.as_ref().map(|sh| sh.file.clone()));
+        // The shadow is changed through its descriptor (its directory may have moved), the
+        // store entry by path without following a symlink.
+        let c = cpath(&self.full(&rel))?;
+        let fd = shadow.as_ref().map(|f| f.as_raw_fd());
         if set.uid.is_some() || set.gid.is_some() {
             let uid = set.uid.map(|u| u as libc::uid_t).unwrap_or(u32::MAX);
             let gid = set.gid.map(|g| g as libc::gid_t).unwrap_or(u32::MAX);
-            // SAFETY: c is a valid C string; -1 leaves an id unchanged.
-            errno_result(unsafe { libc::lchown(c.as_ptr(), uid, gid) }, &rel)?;
+            // SAFETY: c is a valid C string, fd an open descriptor; -1 leaves an id unchanged.
+            let r = match fd {
+                Some(fd) => unsafe { libc::fchown(fd, uid, gid) },
+                None => unsafe { libc::lchown(c.as_ptr(), uid, gid) },
+            };
+            errno_result(r, &rel)?;
         }
         if let Some(mode) = set.mode {
-            // SAFETY: c is a valid C string.
-            let r = unsafe { libc::fchmodat(libc::AT_FDCWD, c.as_ptr(), mode & 0o7777, 0) };
+            // SAFETY: as above.
+            let r = match fd {
+                Some(fd) => unsafe { libc::fchmod(fd, mode & 0o7777) },
+                None => unsafe { libc::fchmodat(libc::AT_FDCWD, c.as_ptr(), mode & 0o7777, 0) },
+            };
             errno_result(r, &rel)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let ts = [timespec(set.atime), timespec(set.mtime)];
-            // SAFETY: c is valid and ts has the two entries utimensat reads.
-            let r = unsafe {
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    ts.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
+            // SAFETY: c/fd are valid and ts has the two entries utimensat reads.
+            let r = match fd {
+                Some(fd) => unsafe { libc::futimens(fd, ts.as_ptr()) },
+                None => unsafe {
+                    libc::utimensat(
+                        libc::AT_FDCWD,
+                        c.as_ptr(),
+                        ts.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                },
             };
             errno_result(r, &rel)?;
         }
@@ -1152,7 +1182,7 @@ impl Vfs {
             tracing::warn!("publishing inode {ino} on close: {e}");
         }
         if let Some(sh) = st.shadow.take() {
-            let _ = std::fs::remove_file(&sh.path);
+            sh.remove();
         }
         st._lock = None;
         drop(st);
@@ -1161,11 +1191,15 @@ impl Vfs {
         }
     }
 
-    fn new_shadow_file(&self, like: Option<&File>) -> VfsResult<Shadow> {
+    /// A new shadow for inode `ino` (next to its file; in `.mybox/tmp` for an orphan).
+    fn new_shadow_file(&self, like: Option<&File>, ino: u64) -> VfsResult<Shadow> {
         let n = self.next_shadow.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .tmp
-            .join(format!("fuse-{}-{n}.shadow", std::process::id()));
+        let name = format!(".fuse-{}-{n}{PART_SUFFIX}", std::process::id());
+        let dir = lock(&self.inodes).path(ino).and_then(|p| p.parent());
+        let path = match dir {
+            Some(d) => self.full(&d).join(name),
+            None => self.tmp.join(name),
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1174,6 +1208,13 @@ impl Vfs {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| VfsError::io("creating a shadow file", e))?;
+        // A new inode is stamped from the coarse clock and could look older than the version
+        // it replaces (whose times may be fine-grained). Stamp it with the precise time; the
+        // fstat first makes the kernel take the ctime of that change from the fine clock too.
+        let _ = file.metadata();
+        let now = timespec(Some(TimeSet::At(SystemTime::now())));
+        // SAFETY: file is open; the array holds the two timestamps futimens reads.
+        unsafe { libc::futimens(file.as_raw_fd(), [now, now].as_ptr()) };
         if let Some(like) = like {
             let md = like.metadata()?;
             if self.is_root && (md.uid(), md.gid()) != self.owner {
@@ -1193,14 +1234,14 @@ impl Vfs {
         if st.shadow.is_some() {
             return Ok(());
         }
-        let sh = self.new_shadow_file(st.base.as_deref())?;
+        let sh = self.new_shadow_file(st.base.as_deref(), st.ino)?;
         let empty = st
             .base
             .as_ref()
             .is_none_or(|b| b.metadata().map(|m| m.len() == 0).unwrap_or(false));
         if let (Some(base), false) = (&st.base, empty) {
             if let Err(e) = copy_contents(base, &sh.file) {
-                let _ = std::fs::remove_file(&sh.path);
+                sh.remove();
                 return Err(VfsError::io("copying into a shadow file", e));
             }
         }
@@ -1213,7 +1254,7 @@ impl Vfs {
         if let Some(sh) = &st.shadow {
             sh.file.set_len(0)?;
         } else {
-            st.shadow = Some(self.new_shadow_file(st.base.as_deref())?);
+            st.shadow = Some(self.new_shadow_file(st.base.as_deref(), st.ino)?);
         }
         st.pending = Some(Dirty::All);
         Ok(())
@@ -1229,7 +1270,7 @@ impl Vfs {
             return Ok(());
         };
         if let Some(sh) = st.shadow.take() {
-            if let Err(e) = std::fs::rename(&sh.path, self.full(&rel)) {
+            if let Err(e) = std::fs::rename(sh.current_path(), self.full(&rel)) {
                 let err = VfsError::io(format!("publishing {rel}"), e);
                 st.shadow = Some(sh);
                 return Err(err);
@@ -1382,7 +1423,7 @@ impl Vfs {
             let rel = self.path_of(st.ino)?;
             self.store_rw(&rel)?.set_len(0)?;
             if let Some(sh) = st.shadow.take() {
-                let _ = std::fs::remove_file(&sh.path);
+                sh.remove();
             }
         }
         st.in_place = true;
@@ -1459,19 +1500,31 @@ impl Vfs {
         child: &RelPath,
         perm: u32,
     ) -> VfsResult<(Attr, Opened)> {
-        let sh = self.new_shadow_file(None)?;
-        use std::os::unix::fs::PermissionsExt;
-        let setup = (|| -> VfsResult<()> {
-            sh.file
-                .set_permissions(std::fs::Permissions::from_mode(perm))?;
-            self.set_owner(caller, dir, &sh.path, perm)
-        })();
-        if let Err(e) = setup {
-            let _ = std::fs::remove_file(&sh.path);
-            return Err(e);
-        }
-        let guard = self.locks.try_lock(child, Mode::Exclusive);
         let ino = lock(&self.inodes).get_or_insert(child, true);
+        let setup = (|| -> VfsResult<Shadow> {
+            let sh = self.new_shadow_file(None, ino)?;
+            use std::os::unix::fs::PermissionsExt;
+            let owned = sh
+                .file
+                .set_permissions(std::fs::Permissions::from_mode(perm))
+                .map_err(VfsError::from)
+                .and_then(|_| self.set_owner(caller, dir, &sh.path, perm));
+            match owned {
+                Ok(()) => Ok(sh),
+                Err(e) => {
+                    sh.remove();
+                    Err(e)
+                }
+            }
+        })();
+        let sh = match setup {
+            Ok(sh) => sh,
+            Err(e) => {
+                lock(&self.inodes).forget(ino, 1);
+                return Err(e);
+            }
+        };
+        let guard = self.locks.try_lock(child, Mode::Exclusive);
         let attr = Attr::from_meta(ino, &sh.file.metadata()?);
         let state = Arc::new(Mutex::new(WriteState {
             ino,
@@ -1849,7 +1902,7 @@ impl Drop for Vfs {
         for s in states {
             let mut st = lock(&s);
             if let Some(sh) = st.shadow.take() {
-                let _ = std::fs::remove_file(&sh.path);
+                sh.remove();
             }
         }
         self.committer.shutdown();
