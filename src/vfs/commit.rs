@@ -135,6 +135,13 @@ fn run(
     sink: Arc<dyn ChangeSink>,
     rx: mpsc::Receiver<Job>,
 ) {
+    // Hashing and index writes are background work: let the threads answering the kernel go
+    // first when the cores are busy.
+    // SAFETY: gettid/setpriority on the calling thread only; failure just keeps the priority.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
     let ignore = IgnoreRules::load(&b);
     while let Ok(first) = rx.recv() {
         // Drain what else is queued: one batch, each path once.
