@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::vfs::hooks::Invalidator;
@@ -204,6 +204,10 @@ impl Filesystem for FuseFs {
         // O_TRUNC arrives with open instead of as a separate truncate, so a truncating writer
         // never publishes an empty file in between.
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Listings carry attributes (`ls -l`, `find` on a fresh mount need no LOOKUP per
+        // entry); the kernel picks plain READDIR when nobody stats the entries.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.want_passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -501,6 +505,69 @@ impl Filesystem for FuseFs {
             }
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match guard("readdirplus", || self.vfs.readdir(fh.0, offset)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate() {
+            let next = offset + i as u64 + 1;
+            if e.name == "." || e.name == ".." {
+                // The kernel does not link these; any attributes do.
+                let a = FileAttr {
+                    ino: INodeNo(e.ino),
+                    size: 0,
+                    blocks: 0,
+                    atime: SystemTime::UNIX_EPOCH,
+                    mtime: SystemTime::UNIX_EPOCH,
+                    ctime: SystemTime::UNIX_EPOCH,
+                    crtime: SystemTime::UNIX_EPOCH,
+                    kind: FileType::Directory,
+                    perm: 0o755,
+                    nlink: 2,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 4096,
+                    flags: 0,
+                };
+                if reply.add(INodeNo(e.ino), next, &e.name, &TTL, &a, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry handed over this way counts as a lookup (the kernel will forget it).
+            match guard("readdirplus", || {
+                self.vfs.lookup(ino.0, OsStr::new(&e.name))
+            }) {
+                Ok(a) => {
+                    if reply.add(
+                        INodeNo(a.ino),
+                        next,
+                        &e.name,
+                        &TTL,
+                        &attr(&a),
+                        Generation(0),
+                    ) {
+                        // Did not fit: not handed over, so not a lookup.
+                        self.vfs.forget(a.ino, 1);
+                        break;
+                    }
+                }
+                // Vanished since the listing was taken.
+                Err(_) => continue,
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(
