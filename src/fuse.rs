@@ -204,10 +204,15 @@ impl Filesystem for FuseFs {
         // O_TRUNC arrives with open instead of as a separate truncate, so a truncating writer
         // never publishes an empty file in between.
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
-        // Listings carry attributes (`ls -l`, `find` on a fresh mount need no LOOKUP per
-        // entry); the kernel picks plain READDIR when nobody stats the entries.
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Listings carry attributes (READDIRPLUS): `ls -lR` on a fresh mount needs no LOOKUP
+        // per entry (measured 1.7x faster on the std docs tree; `find`, which needs no
+        // attributes, ~20 % slower, and the kernel falls back to plain READDIR for
+        // directories nobody stats). MYBOX_NO_READDIRPLUS=1 turns it off.
+        if std::env::var_os("MYBOX_NO_READDIRPLUS").is_none() {
+            let _ = config.add_capabilities(
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
+        }
         if self.want_passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
