@@ -190,8 +190,20 @@ fn fuser_config(cfg: &MountConfig) -> fuser::Config {
     c
 }
 
-/// Mount the store of `b` at `mountpoint` (the kernel handshake is done when this returns).
+/// Mount the store of `b` at `mountpoint` standalone (no sync hooks).
 pub fn mount(b: &BoxDir, mountpoint: &Path, cfg: &MountConfig) -> anyhow::Result<Mounted> {
+    mount_with(b, mountpoint, cfg, VfsOptions::default())
+}
+
+/// Mount the store of `b` at `mountpoint` with the daemon's hooks (change sink, remote view,
+/// content source, shared lock manager). The kernel handshake is done when this returns; call
+/// [`Mounted::run`] (blocking) to serve requests.
+pub fn mount_with(
+    b: &BoxDir,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    opts: VfsOptions,
+) -> anyhow::Result<Mounted> {
     clear_stale(mountpoint)?;
     let mp = mountpoint
         .canonicalize()
@@ -210,7 +222,7 @@ pub fn mount(b: &BoxDir, mountpoint: &Path, cfg: &MountConfig) -> anyhow::Result
         bail!("{} is already a mount point", mp.display());
     }
     let device = crate::scan::device_short(b)?;
-    let vfs = Arc::new(Vfs::new(b.clone(), device, VfsOptions::default())?);
+    let vfs = Arc::new(Vfs::new(b.clone(), device, opts)?);
     if cfg.chdir_to_store {
         std::env::set_current_dir(&b.root)
             .with_context(|| format!("entering {}", b.root.display()))?;
