@@ -184,14 +184,42 @@ fn run(
                 Err(e) => tracing::warn!("committing {p} to the index: {e:#}"),
             }
         }
+        // Hash every published file first, then write all their records in one transaction
+        // (a tree copy commits thousands of small files).
+        let mut puts = Vec::new();
         for (p, d) in files {
             if paths.contains(&p) {
                 continue; // the path job below rescans it anyway
             }
-            match commit_file(&b, index, device, &ignore, &p, &d) {
-                Ok(true) => changed.push(p),
-                Ok(false) => {}
+            match prepare_file(&b, index, device, &ignore, &p, &d) {
+                Ok(Prepared::Nothing) => {}
+                Ok(Prepared::Rescan) => {
+                    paths.insert(p);
+                }
+                Ok(prep) => puts.push((p, prep)),
                 Err(e) => tracing::warn!("committing {p} to the index: {e:#}"),
+            }
+        }
+        if !puts.is_empty() {
+            let written = index.transaction(|ix| {
+                let mut new = Vec::new();
+                for (p, prep) in &puts {
+                    match prep {
+                        Prepared::Put(rec, stat) => {
+                            let mut rec = rec.clone();
+                            rec.sequence = ix.next_sequence()?;
+                            ix.put(&rec, Some(*stat))?;
+                            new.push(p.clone());
+                        }
+                        Prepared::SetStat(stat) => ix.set_stat(p, *stat)?,
+                        Prepared::Nothing | Prepared::Rescan => {}
+                    }
+                }
+                Ok(new)
+            });
+            match written {
+                Ok(new) => changed.extend(new),
+                Err(e) => tracing::warn!("committing {} files to the index: {e:#}", puts.len()),
             }
         }
         for p in entries {
@@ -324,16 +352,55 @@ pub fn commit_file(
     path: &RelPath,
     dirty: &Dirty,
 ) -> anyhow::Result<bool> {
+    match prepare_file(b, index, device, ignore, path, dirty)? {
+        Prepared::Put(rec, stat) => {
+            index.transaction(|ix| {
+                let mut rec = rec;
+                rec.sequence = ix.next_sequence()?;
+                ix.put(&rec, Some(stat))
+            })?;
+            Ok(true)
+        }
+        Prepared::SetStat(stat) => {
+            index.set_stat(path, stat)?;
+            Ok(false)
+        }
+        Prepared::Nothing => Ok(false),
+        Prepared::Rescan => {
+            let s = scan::scan(b, index, device, path, HashWanted::All)?;
+            Ok(!s.changed.is_empty())
+        }
+    }
+}
+
+/// What committing one published file amounts to, decided (and hashed) before any index write.
+pub enum Prepared {
+    /// A new version (its sequence number is assigned when written).
+    Put(Record, StatKey),
+    /// Same content and metadata: only the hash-cache key moves.
+    SetStat(StatKey),
+    Nothing,
+    /// Not a regular file any more: let the generic scan decide.
+    Rescan,
+}
+
+/// Hash a published file and build its new record, reading the index but not writing it, so a
+/// batch of files can be written in one transaction.
+pub fn prepare_file(
+    b: &BoxDir,
+    index: &Index,
+    device: u64,
+    ignore: &IgnoreRules,
+    path: &RelPath,
+    dirty: &Dirty,
+) -> anyhow::Result<Prepared> {
     let entry = match disk_entry(&b.root, path) {
         Ok(Some(e)) if e.kind == Kind::File => e,
         // Gone, replaced by something else, or special: let the generic scan decide.
-        _ => {
-            let s = scan::scan(b, index, device, path, HashWanted::All)?;
-            return Ok(!s.changed.is_empty());
-        }
+        _ => return Ok(Prepared::Rescan),
     };
     if ignore.is_ignored(path, false) {
-        return Ok(false);
+        return Ok(Prepared::Nothing);
     }
     let old = index.get(path)?;
     let full = path.to_fs(&b.root);
@@ -368,8 +435,7 @@ pub fn commit_file(
             && r.blocks == blocks
             && (sha256.is_none() || r.sha256 == sha256);
         if same {
-            index.set_stat(path, stat)?;
-            return Ok(false);
+            return Ok(Prepared::SetStat(stat));
         }
     }
     let mut version = old
@@ -392,12 +458,7 @@ pub fn commit_file(
         sequence: 0,
         modified_by: device,
     };
-    index.transaction(|ix| {
-        let mut rec = rec;
-        rec.sequence = ix.next_sequence()?;
-        ix.put(&rec, Some(stat))
-    })?;
-    Ok(true)
+    Ok(Prepared::Put(rec, stat))
 }
 
 /// Recompute the block hashes of the blocks in `dirty` (and those a size change touched),
