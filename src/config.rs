@@ -151,6 +151,10 @@ impl BoxDir {
             if dir.join(META_DIR).join("cert.pem").exists() {
                 return BoxDir::open(dir);
             }
+            // Inside a mybox mount: its virtual `.mybox/mount` names the store.
+            if let Ok(store) = std::fs::read_to_string(dir.join(META_DIR).join("mount")) {
+                return BoxDir::open(Path::new(store.trim_end_matches('\n')));
+            }
             cur = dir.parent();
         }
         bail!(

@@ -14,18 +14,22 @@
 //!   SQLite index with its hash cache.
 //! - [`locks`]: per-file locks shared by senders, the sync applier and FUSE writers.
 //! - [`paths`]: the one validation of every untrusted path.
+//! - [`vfs`]: the mounted namespace as a plain API (testable without a kernel); [`fuse`] is the
+//!   thin fuser adapter over it and [`mount`] mounts, unmounts and clears stale mounts.
 //! - [`identity`], [`config`], [`history`], [`timeparse`], [`model`]: the box on disk, device
 //!   IDs, the request log, time parsing, and the plain data types.
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fuse;
 pub mod hashing;
 pub mod history;
 pub mod identity;
 pub mod index;
 pub mod locks;
 pub mod model;
+pub mod mount;
 pub mod net;
 pub mod paths;
 pub mod protocol;
@@ -35,3 +39,4 @@ pub mod server;
 pub mod sync;
 pub mod timeparse;
 pub mod udp;
+pub mod vfs;

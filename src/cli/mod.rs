@@ -76,6 +76,18 @@ pub enum Command {
     },
     /// Interactive prompt (reads commands line by line when stdin is not a terminal).
     Shell,
+    /// Mount the box's namespace at MOUNTPOINT through FUSE, in the foreground.
+    Mount {
+        mountpoint: PathBuf,
+        /// Address to serve peers on while mounted (needs the sync daemon).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Fetch content only when read (needs the sync daemon).
+        #[arg(long)]
+        on_demand: bool,
+    },
+    /// Unmount a mybox mount (also clears one left behind by a dead mount process).
+    Umount { mountpoint: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,7 +134,10 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
+    init_logging(
+        cli.verbose,
+        matches!(cli.command, Command::Serve { .. } | Command::Mount { .. }),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,6 +226,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let b = find_box(cli.box_dir.as_ref())?;
             shell::run(b, opts).await
         }
+        Command::Mount {
+            mountpoint,
+            listen,
+            on_demand,
+        } => {
+            if listen.is_some() || on_demand {
+                tracing::warn!(
+                    "--listen and --on-demand need the sync daemon; mounting the local store only"
+                );
+            }
+            let b = find_box(cli.box_dir.as_ref())?;
+            crate::mount::run_foreground(b, mountpoint).await
+        }
+        Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         cmd @ (Command::Index(_) | Command::Hash(_) | Command::Download { .. }) => {
             let b = find_box(cli.box_dir.as_ref())?;
             let session = open_session(&b, &opts).await?;

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Benchmark the mybox mount against native ext4, sshfs and rclone mount.
+#
+#   scripts/bench/mount.sh [MYBOX_BINARY]
+#
+# - sequential read of a 1 GiB file (dd bs=1M), warm page cache (the file is "hydrated")
+# - `find` and `ls -lR` over the rust std docs tree (~2,600 entries)
+# - copying that tree into the mount vs into a native folder
+# Each measurement: one warm-up run, then RUNS timed runs; the median is reported.
+# Needs root (mybox mounts with mount(2); sshfs goes through a private sshd on 127.0.0.1).
+# Env: RUNS (default 3), BIG_MB (default 1024), SSH_PORT (default 2232), KEEP=1 keeps $WORK.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="${1:-}"
+if [[ -z "$bin" ]]; then
+    (cd "$here" && cargo build --quiet --release --bin mybox)
+    bin="$here/target/release/mybox"
+fi
+bin="$(realpath "$bin")"
+RUNS="${RUNS:-3}"
+BIG_MB="${BIG_MB:-1024}"
+SSH_PORT="${SSH_PORT:-2232}"
+TREE_SRC="$(rustc --print sysroot)/share/doc/rust/html/std"
+
+for t in sshfs rclone fusermount3; do
+    command -v "$t" >/dev/null || apt-get install -y sshfs rclone fuse3 >/dev/null
+done
+
+WORK="$(mktemp -d /tmp/mybox-bench.XXXXXX)"
+STORE="$WORK/store"
+SSH_DIR="$WORK/ssh"
+declare -A MNT=([mybox]="$WORK/mnt-mybox" [sshfs]="$WORK/mnt-sshfs" [rclone]="$WORK/mnt-rclone")
+
+cleanup() {
+    cd /
+    for k in mybox sshfs rclone; do
+        m="${MNT[$k]}"
+        if mountpoint -q "$m" 2>/dev/null; then
+            if [[ $k == mybox ]]; then "$bin" umount "$m" || umount -l "$m"; else fusermount3 -u "$m" || fusermount3 -uz "$m"; fi
+        fi
+    done
+    sleep 0.5
+    # Only the processes this script started (matched by their unique mount points).
+    for p in $(pgrep -f "mount ${MNT[mybox]}\$"; pgrep -f "mount $STORE ${MNT[rclone]}"); do
+        kill "$p" 2>/dev/null || true
+    done
+    [[ -f "$SSH_DIR/sshd.pid" ]] && kill "$(cat "$SSH_DIR/sshd.pid")" 2>/dev/null || true
+    [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { echo "[bench] $*" >&2; }
+
+# ----- data -----------------------------------------------------------------------------------
+"$bin" init "$STORE" >/dev/null 2>&1
+log "writing ${BIG_MB} MiB file and copying the std docs tree"
+head -c "$((BIG_MB << 20))" /dev/urandom >"$STORE/big.bin"
+cp -r "$TREE_SRC" "$STORE/tree"
+NATIVE_COPY="$WORK/native-copy"
+mkdir -p "$NATIVE_COPY" "${MNT[@]}"
+
+# ----- mounts ---------------------------------------------------------------------------------
+# Each mount is (re)started by a small script, so a "fresh mount" run can remount first: the
+# FUSE side then starts with empty attribute, entry and directory caches (the page cache of the
+# store is left alone: dropping it would disturb everyone else on this machine).
+cat >"$WORK/up-mybox.sh" <<UP
+#!/bin/bash
+if mountpoint -q "${MNT[mybox]}"; then
+    "$bin" umount "${MNT[mybox]}"
+    for _ in \$(seq 100); do pgrep -f "mount ${MNT[mybox]}\$" >/dev/null || break; sleep 0.05; done
+fi
+setsid "$bin" --box "$STORE" mount "${MNT[mybox]}" >>"$WORK/mybox.log" 2>&1 < /dev/null &
+for _ in \$(seq 200); do mountpoint -q "${MNT[mybox]}" && exit 0; sleep 0.05; done; exit 1
+UP
+cat >"$WORK/up-sshfs.sh" <<UP
+#!/bin/bash
+mountpoint -q "${MNT[sshfs]}" && fusermount3 -u "${MNT[sshfs]}"
+sshfs "root@127.0.0.1:$STORE" "${MNT[sshfs]}" -p "$SSH_PORT" \\
+    -o IdentityFile="$SSH_DIR/key",StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR
+UP
+cat >"$WORK/up-rclone.sh" <<UP
+#!/bin/bash
+if mountpoint -q "${MNT[rclone]}"; then
+    fusermount3 -u "${MNT[rclone]}"
+    for _ in \$(seq 100); do pgrep -f "rclone.*${MNT[rclone]}" >/dev/null || break; sleep 0.05; done
+fi
+setsid rclone --config "$WORK/rclone.conf" mount "$STORE" "${MNT[rclone]}" --vfs-cache-mode off >>"$WORK/rclone.log" 2>&1 < /dev/null &
+for _ in \$(seq 200); do mountpoint -q "${MNT[rclone]}" && exit 0; sleep 0.05; done; exit 1
+UP
+chmod +x "$WORK"/up-*.sh
+"$WORK/up-mybox.sh"
+
+mkdir -p "$SSH_DIR" /run/sshd && chmod 700 "$SSH_DIR"
+ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/host" && ssh-keygen -q -t ed25519 -N '' -f "$SSH_DIR/key"
+cp "$SSH_DIR/key.pub" "$SSH_DIR/authorized_keys" && chmod 600 "$SSH_DIR/authorized_keys"
+cat >"$SSH_DIR/sshd_config" <<EOF
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $SSH_DIR/host
+PidFile $SSH_DIR/sshd.pid
+AuthorizedKeysFile $SSH_DIR/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+EOF
+/usr/sbin/sshd -f "$SSH_DIR/sshd_config" -E "$SSH_DIR/sshd.log"
+for _ in $(seq 50); do [[ -f "$SSH_DIR/sshd.pid" ]] && break; sleep 0.1; done
+"$WORK/up-sshfs.sh"
+: >"$WORK/rclone.conf"
+"$WORK/up-rclone.sh"
+
+for k in mybox sshfs rclone; do
+    for _ in $(seq 100); do mountpoint -q "${MNT[$k]}" && break; sleep 0.1; done
+    mountpoint -q "${MNT[$k]}" || { log "$k did not mount"; exit 1; }
+done
+log "mounted: ${MNT[*]}"
+
+# ----- measuring ------------------------------------------------------------------------------
+# median of RUNS timed runs after one warm-up; $2 is run before each run, untimed.
+measure() {
+    local cmd="$1" prep="${2:-true}" times=() t0 t1
+    bash -c "$prep" && bash -c "$cmd" >/dev/null 2>&1
+    for _ in $(seq "$RUNS"); do
+        bash -c "$prep"
+        t0=$(date +%s.%N)
+        bash -c "$cmd" >/dev/null 2>&1
+        t1=$(date +%s.%N)
+        times+=("$(echo "$t1 - $t0" | bc -l)")
+    done
+    printf '%s\n' "${times[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}'
+}
+
+declare -A R
+for k in native mybox sshfs rclone; do
+    base="$STORE"
+    [[ $k == native ]] || base="${MNT[$k]}"
+    cmp "$STORE/big.bin" "$base/big.bin"
+    log "$k: dd"
+    R[$k,dd]=$(measure "dd if='$base/big.bin' of=/dev/null bs=1M")
+    log "$k: find"
+    R[$k,find]=$(measure "find '$base/tree' | wc -l")
+    log "$k: ls -lR"
+    R[$k,ls]=$(measure "ls -lR '$base/tree'")
+    if [[ $k != native ]]; then
+        log "$k: find, ls -lR on a fresh mount"
+        R[$k,findc]=$(measure "find '$base/tree' | wc -l" "'$WORK/up-$k.sh'")
+        R[$k,lsc]=$(measure "ls -lR '$base/tree'" "'$WORK/up-$k.sh'")
+    fi
+done
+for k in native mybox; do
+    if [[ $k == native ]]; then dest="$NATIVE_COPY/copy"; else dest="${MNT[mybox]}/copy"; fi
+    log "$k: cp -r tree"
+    R[$k,cp]=$(measure "cp -r '$TREE_SRC' '$dest'" "rm -rf '$dest'")
+done
+[[ $(find "${MNT[mybox]}/copy" | wc -l) -eq $(find "$TREE_SRC" | wc -l) ]] || { log "copy into mybox incomplete"; exit 1; }
+
+mbps() { echo "$BIG_MB / $1" | bc -l | awk '{printf "%.0f", $1}'; }
+pct() { echo "100 * $1 / $2" | bc -l | awk '{printf "%.0f%%", $1}'; }
+ratio() { echo "$1 / $2" | bc -l | awk '{printf "%.1fx", $1}'; }
+
+echo
+echo "mybox mount benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), $(nproc) cores, median of $RUNS warm runs; passthrough: $(grep -q 'passthrough true' "$WORK/mybox.log" && echo on || echo off))"
+echo
+echo "| test | native | mybox | sshfs | rclone |"
+echo "|---|---|---|---|---|"
+echo "| read ${BIG_MB} MiB (s, MB/s) | ${R[native,dd]} ($(mbps "${R[native,dd]}")) | ${R[mybox,dd]} ($(mbps "${R[mybox,dd]}")) | ${R[sshfs,dd]} ($(mbps "${R[sshfs,dd]}")) | ${R[rclone,dd]} ($(mbps "${R[rclone,dd]}")) |"
+echo "| find tree, warm (s) | ${R[native,find]} | ${R[mybox,find]} | ${R[sshfs,find]} | ${R[rclone,find]} |"
+echo "| ls -lR tree, warm (s) | ${R[native,ls]} | ${R[mybox,ls]} | ${R[sshfs,ls]} | ${R[rclone,ls]} |"
+echo "| find tree, fresh mount (s) | | ${R[mybox,findc]} | ${R[sshfs,findc]} | ${R[rclone,findc]} |"
+echo "| ls -lR tree, fresh mount (s) | | ${R[mybox,lsc]} | ${R[sshfs,lsc]} | ${R[rclone,lsc]} |"
+echo "| cp -r tree in (s) | ${R[native,cp]} | ${R[mybox,cp]} | | |"
+echo
+echo "targets: read >= 90% of native: $(pct "${R[native,dd]}" "${R[mybox,dd]}");" \
+    "find vs sshfs: warm $(ratio "${R[sshfs,find]}" "${R[mybox,find]}"), fresh $(ratio "${R[sshfs,findc]}" "${R[mybox,findc]}");" \
+    "ls -lR vs sshfs: warm $(ratio "${R[sshfs,ls]}" "${R[mybox,ls]}"), fresh $(ratio "${R[sshfs,lsc]}" "${R[mybox,lsc]}");" \
+    "copy <= 2x native: $(ratio "${R[mybox,cp]}" "${R[native,cp]}")"

@@ -1,0 +1,309 @@
+//! `mybox mount` / `mybox umount`: mounting a box's namespace with FUSE in the foreground,
+//! unmounting on SIGINT/SIGTERM, and clearing a mount left behind by a process that died.
+//!
+//! As root, fuser mounts with the `mount(2)` system call directly (no libfuse, no fusermount).
+//! A non-root user needs `fusermount3` (package fuse3) on PATH, and `user_allow_other` in
+//! `/etc/fuse.conf` for other users to see the mount; see docs/fuse.md.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use fuser::{MountOption, SessionACL};
+
+use crate::config::BoxDir;
+use crate::fuse::{FuseFs, KernelInvalidator};
+use crate::vfs::{Vfs, VfsOptions};
+
+/// Worker threads serving kernel requests (a blocked read must not stall a `stat`).
+pub const THREADS: usize = 4;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Is `path` the mount point of a mounted file system (from /proc/self/mountinfo)?
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_bytes();
+    text.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(|m| unescape_mountinfo(m).as_slice() == want)
+            .unwrap_or(false)
+    })
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && b.len() >= i + 4 {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Unmount with fusermount (what a non-root user has).
+fn fusermount_u(path: &Path, lazy: bool) -> anyhow::Result<()> {
+    for bin in ["fusermount3", "fusermount"] {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(if lazy { "-uz" } else { "-u" }).arg(path);
+        match cmd.status() {
+            Ok(s) if s.success() => return Ok(()),
+            Ok(s) => bail!("{bin} -u {} failed ({s})", path.display()),
+            Err(_) => continue,
+        }
+    }
+    bail!(
+        "cannot unmount {} (not root and no fusermount3)",
+        path.display()
+    )
+}
+
+/// Does `mountpoint` hold a FUSE mount whose process died? Such a mount answers with ENOTCONN
+/// ("Transport endpoint is not connected"). `statfs` is asked because it always reaches the
+/// file system; a `stat` of the root may be answered from the kernel's attribute cache.
+pub fn is_stale(mountpoint: &Path) -> bool {
+    let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; c is a valid C string.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut s) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Detach a stale mount (see [`is_stale`]) lazily so the mount point is usable again. Returns
+/// whether one was cleared.
+pub fn clear_stale(mountpoint: &Path) -> anyhow::Result<bool> {
+    if !is_stale(mountpoint) {
+        return Ok(false);
+    }
+    tracing::warn!("clearing stale mount at {}", mountpoint.display());
+    match umount2(mountpoint, libc::MNT_DETACH) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            fusermount_u(mountpoint, true)?;
+            Ok(true)
+        }
+        Err(e) => Err(e).with_context(|| format!("detaching stale mount {}", mountpoint.display())),
+    }
+}
+
+/// `mybox umount MOUNTPOINT`: unmount a live mount (its `mybox mount` process then exits), or
+/// clear a stale one.
+pub fn umount(mountpoint: &Path) -> anyhow::Result<()> {
+    if clear_stale(mountpoint)? {
+        eprintln!("cleared stale mount at {}", mountpoint.display());
+        return Ok(());
+    }
+    let abs = mountpoint
+        .canonicalize()
+        .with_context(|| format!("resolving {}", mountpoint.display()))?;
+    if !is_mountpoint(&abs) {
+        bail!("{} is not mounted", abs.display());
+    }
+    match umount2(&abs, 0) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            // Someone's cwd or open file is inside: detach now, the kernel finishes when they
+            // let go (the mount process exits right away either way).
+            tracing::warn!("{} is busy; detaching lazily", abs.display());
+            umount2(&abs, libc::MNT_DETACH).with_context(|| format!("detaching {}", abs.display()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_u(&abs, false),
+        Err(e) => Err(e).with_context(|| format!("unmounting {}", abs.display())),
+    }
+}
+
+/// Options of a mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Let other users in (`allow_other`); default: when running as root.
+    pub allow_other: bool,
+    /// Ask the kernel for passthrough reads of local files (root only: registering backing
+    /// files needs CAP_SYS_ADMIN).
+    pub passthrough: bool,
+    /// Make the store root the process's current directory and address store files relative
+    /// to it (paths up to PATH_MAX below the mount point then always fit a system call). Only
+    /// for a process that owns its current directory: `mybox mount`, the daemon.
+    pub chdir_to_store: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            allow_other: is_root(),
+            passthrough: is_root(),
+            chdir_to_store: false,
+        }
+    }
+}
+
+/// A live mount; dropping it unmounts.
+pub struct Mounted {
+    pub vfs: Arc<Vfs>,
+    pub mountpoint: PathBuf,
+    session: Option<fuser::Session<FuseFs>>,
+}
+
+fn fuser_config(cfg: &MountConfig) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        MountOption::FSName("mybox".into()),
+        MountOption::Subtype("mybox".into()),
+        MountOption::DefaultPermissions,
+    ];
+    c.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    c.n_threads = Some(THREADS);
+    c.clone_fd = true;
+    c
+}
+
+/// Mount the store of `b` at `mountpoint` standalone (no sync hooks).
+pub fn mount(b: &BoxDir, mountpoint: &Path, cfg: &MountConfig) -> anyhow::Result<Mounted> {
+    mount_with(b, mountpoint, cfg, VfsOptions::default())
+}
+
+/// Mount the store of `b` at `mountpoint` with the daemon's hooks (change sink, remote view,
+/// content source, shared lock manager). The kernel handshake is done when this returns; call
+/// [`Mounted::run`] (blocking) to serve requests.
+pub fn mount_with(
+    b: &BoxDir,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    opts: VfsOptions,
+) -> anyhow::Result<Mounted> {
+    clear_stale(mountpoint)?;
+    let mp = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !mp.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    if mp.starts_with(&b.root) {
+        bail!(
+            "mount point {} is inside the box's store {}; pick a folder outside it",
+            mp.display(),
+            b.root.display()
+        );
+    }
+    if is_mountpoint(&mp) {
+        bail!("{} is already a mount point", mp.display());
+    }
+    let device = crate::scan::device_short(b)?;
+    let vfs = Arc::new(Vfs::new(b.clone(), device, opts)?);
+    if cfg.chdir_to_store {
+        std::env::set_current_dir(&b.root)
+            .with_context(|| format!("entering {}", b.root.display()))?;
+        vfs.use_relative_paths()?;
+    }
+    let fs = FuseFs::new(vfs.clone(), cfg.passthrough);
+    let session = fuser::Session::new(fs, &mp, &fuser_config(cfg))
+        .with_context(|| format!("mounting {}", mp.display()))?;
+    vfs.set_invalidator(Arc::new(KernelInvalidator(session.notifier())));
+    Ok(Mounted {
+        vfs,
+        mountpoint: mp,
+        session: Some(session),
+    })
+}
+
+impl Mounted {
+    /// Serve kernel requests until the file system is unmounted (by `mybox umount`, `umount`,
+    /// or [`unmounter`](Self::unmounter) from a signal handler).
+    pub fn run(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.session.take() {
+            s.run().context("serving the mount")?;
+        }
+        self.vfs.shutdown();
+        Ok(())
+    }
+
+    pub fn unmounter(&mut self) -> Option<fuser::SessionUnmounter> {
+        self.session.as_mut().map(|s| s.unmount_callable())
+    }
+}
+
+/// `mybox mount MOUNTPOINT`: mount in the foreground until unmounted or signalled.
+pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()> {
+    // Modes asked for by callers are applied exactly (the kernel already applied their umask).
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0) };
+    let cfg = MountConfig {
+        chdir_to_store: true,
+        ..MountConfig::default()
+    };
+    // Resolve the mount point before leaving the current directory.
+    let mountpoint = std::path::absolute(&mountpoint).unwrap_or(mountpoint);
+    let mut m = mount(&b, &mountpoint, &cfg)?;
+    let mp = m.mountpoint.clone();
+    let mut unmounter = m.unmounter();
+    println!("mybox: {} mounted at {}", b.root.display(), mp.display());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(
+        "mounted {} at {} (passthrough {})",
+        b.root.display(),
+        mp.display(),
+        m.vfs.passthrough()
+    );
+    let mut serve = tokio::task::spawn_blocking(move || m.run());
+    tokio::select! {
+        r = &mut serve => {
+            r.context("mount thread")??;
+        }
+        _ = crate::cli::shutdown_signal() => {
+            tracing::info!("signal: unmounting {}", mp.display());
+            let done = unmounter.as_mut().map(|u| u.unmount());
+            if let Some(Err(e)) = done {
+                tracing::warn!("unmount: {e}; detaching lazily");
+                let _ = umount2(&mp, libc::MNT_DETACH);
+            }
+            serve.await.context("mount thread")??;
+        }
+    }
+    tracing::info!("unmounted {}", mp.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b".to_vec());
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain".to_vec());
+    }
+}
