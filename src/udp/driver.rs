@@ -398,8 +398,14 @@ pub fn run_receiver(
             last_checkpoint = now;
         }
         if !any {
-            let wake = r.poll_timeout(now);
-            if let Err(e) = wait_readable_s(fd, wake.saturating_duration_since(Instant::now())) {
+            let mut wait = r
+                .poll_timeout(now)
+                .saturating_duration_since(Instant::now());
+            if r.is_complete() {
+                // Only late data and the stop flag matter now; look at the flag often.
+                wait = wait.min(Duration::from_millis(5));
+            }
+            if let Err(e) = wait_readable_s(fd, wait) {
                 return Err((r, e));
             }
         }

@@ -70,14 +70,18 @@ impl Options {
     /// overrides for benchmarks: `MYBOX_UDP_PAYLOAD` (bytes), `MYBOX_UDP_RATE_MBIT` (start)
     /// and `MYBOX_UDP_MAX_MBIT` (ceiling).
     pub fn for_peer(config_payload: usize, peer: SocketAddr) -> Options {
-        let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<f64>().ok());
-        let datagram = env_num("MYBOX_UDP_PAYLOAD")
-            .map(|v| v as usize)
-            .unwrap_or(if peer.ip().is_loopback() {
+        let env_num = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        let datagram = env_num("MYBOX_UDP_PAYLOAD").map(|v| v as usize).unwrap_or(
+            if peer.ip().is_loopback() {
                 LOOPBACK_DATAGRAM
             } else {
                 config_payload
-            });
+            },
+        );
         let mbit = |v: f64| (v * 125_000.0) as u64;
         Options {
             datagram: datagram.clamp(packet::MIN_DATAGRAM, packet::MAX_DATAGRAM),
@@ -155,7 +159,8 @@ struct Opened {
 fn open_for_send(ctx: &ServerCtx, path: &RelPath) -> Result<Opened, (ErrorCode, String)> {
     let root = &ctx.local.dir.root;
     let full = resolve_no_follow(root, path).map_err(|e| (ErrorCode::BadPath, e.to_string()))?;
-    let md = std::fs::symlink_metadata(&full).map_err(|e| (ErrorCode::NotFound, format!("{path}: {e}")))?;
+    let md = std::fs::symlink_metadata(&full)
+        .map_err(|e| (ErrorCode::NotFound, format!("{path}: {e}")))?;
     if md.file_type().is_symlink() {
         return Err((
             ErrorCode::NotAFile,
@@ -278,7 +283,12 @@ async fn serve_start(
     let total = req.len.unwrap_or(u64::MAX).min(size - req.offset);
     let n = sender::chunk_count(total, chunk);
     if n as u64 * chunk as u64 >= u32::MAX as u64 * chunk as u64 {
-        return fail(out, ErrorCode::BadRequest, "range too large for the chunk size".into()).await;
+        return fail(
+            out,
+            ErrorCode::BadRequest,
+            "range too large for the chunk size".into(),
+        )
+        .await;
     }
     let whole = req.offset == 0 && total == size;
     let resume = req.resume.filter(|r| {
@@ -670,7 +680,17 @@ async fn receive<S: driver::Sink + Send + 'static>(
 async fn start(
     conn: &Conn,
     req: StartRequest,
-) -> Result<(crate::net::rpc::ResponseStream, [u8; 16], u16, EntryInfo, u64, bool), Failure> {
+) -> Result<
+    (
+        crate::net::rpc::ResponseStream,
+        [u8; 16],
+        u16,
+        EntryInfo,
+        u64,
+        bool,
+    ),
+    Failure,
+> {
     let mut stream = conn
         .request(Request::Udp(UdpRequest::Start(req)))
         .await
@@ -855,8 +875,16 @@ async fn fetch_file_once(
         port,
         have,
     };
-    let (_sink, (md5, sha256, size)) =
-        receive(conn, &mut stream, &inc, opts, sink, progress, shared.clone()).await?;
+    let (_sink, (md5, sha256, size)) = receive(
+        conn,
+        &mut stream,
+        &inc,
+        opts,
+        sink,
+        progress,
+        shared.clone(),
+    )
+    .await?;
     shared.contiguous.store(total, Ordering::Release);
     let got = hasher
         .await
@@ -955,10 +983,9 @@ pub async fn fetch_range(
     };
     let shared = Arc::new(driver::Progress::default());
     let sink = MemSink(vec![0u8; total as usize]);
-    let (sink, (_md5, sha256, size)) =
-        receive(conn, &mut stream, &inc, opts, sink, None, shared)
-            .await
-            .map_err(|f| f.error)?;
+    let (sink, (_md5, sha256, size)) = receive(conn, &mut stream, &inc, opts, sink, None, shared)
+        .await
+        .map_err(|f| f.error)?;
     let got: [u8; 32] = Sha256::digest(&sink.0).into();
     if got != sha256 || size != total {
         bail!("range {offset}+{len} of {path} did not verify");
@@ -985,3 +1012,6 @@ pub async fn download(
         .record(Direction::Made, &s.peer_label, &what, &outcome);
     res
 }
+
+#[cfg(test)]
+mod tests;

@@ -170,7 +170,11 @@ pub fn seal(key: &Key, session: &SessionId, pn: u64, body: &[u8], out: &mut Vec<
 /// [`write_header`]); appends the tag.
 pub fn seal_in_place(key: &Key, buf: &mut Vec<u8>) {
     let (head, body) = buf.split_at_mut(HEADER_LEN);
-    let pn = u64::from_be_bytes(head[1 + SESSION_LEN..HEADER_LEN].try_into().unwrap_or([0; 8]));
+    let pn = u64::from_be_bytes(
+        head[1 + SESSION_LEN..HEADER_LEN]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
     let tag = key
         .key
         .seal_in_place_separate_tag(Key::nonce(pn), Aad::from(&*head), body)

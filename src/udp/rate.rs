@@ -217,7 +217,12 @@ impl Pacer {
     }
 
     fn refill(&mut self, now: Instant, rate: f64, packet: usize) {
-        let last = *self.last.get_or_insert(now);
+        let Some(last) = self.last else {
+            // Start with a full bucket so the first batch goes out at once.
+            self.last = Some(now);
+            self.tokens = Self::burst(rate, packet);
+            return;
+        };
         let dt = now.saturating_duration_since(last).as_secs_f64();
         self.last = Some(now);
         self.tokens = (self.tokens + dt * rate).min(Self::burst(rate, packet));

@@ -101,7 +101,8 @@ impl Receiver {
             last_done: None,
             failed: None,
             counters: Counters::default(),
-            max_ranges: (p.datagram.saturating_sub(packet::OVERHEAD + ACK_FIXED) / 8).clamp(1, 4096),
+            max_ranges: (p.datagram.saturating_sub(packet::OVERHEAD + ACK_FIXED) / 8)
+                .clamp(1, 4096),
             n,
             p,
         };
@@ -292,7 +293,10 @@ impl Receiver {
         }
         if self.done_pending {
             // At most one DONE per millisecond however many late data packets arrive.
-            if self.last_done.is_some_and(|t| now < t + Duration::from_millis(1)) {
+            if self
+                .last_done
+                .is_some_and(|t| now < t + Duration::from_millis(1))
+            {
                 return false;
             }
             self.done_pending = false;
@@ -394,7 +398,11 @@ impl Receiver {
         self.cursor = pos;
         let ack_delay_us = self
             .top_at
-            .map(|t| now.saturating_duration_since(t).as_micros().min(u32::MAX as u128) as u32)
+            .map(|t| {
+                now.saturating_duration_since(t)
+                    .as_micros()
+                    .min(u32::MAX as u128) as u32
+            })
             .unwrap_or(0);
         Ack {
             echo_ts: self.top_ts,

@@ -230,7 +230,9 @@ impl Sender {
         let n = self.n;
         let rtt = if a.echo_ts > 0 {
             let sent = Duration::from_micros(a.echo_ts);
-            let age = now.saturating_duration_since(self.epoch).saturating_sub(sent);
+            let age = now
+                .saturating_duration_since(self.epoch)
+                .saturating_sub(sent);
             let rtt = age.saturating_sub(Duration::from_micros(a.ack_delay_us as u64));
             (rtt > Duration::ZERO).then_some(rtt)
         } else {
