@@ -137,15 +137,15 @@ fn forged_datagrams_to_a_live_session_get_no_answer() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_same_file(&src, &out);
-    let slog = p
-        .server
-        .wait_log("done:", Duration::from_secs(5))
-        .unwrap();
+    let slog = p.server.wait_log("done:", Duration::from_secs(5)).unwrap();
     let dropped = counter(&slog, "done:", "truncated")
         + counter(&slog, "done:", "unknown_session")
         + counter(&slog, "done:", "unexpected")
         + counter(&slog, "done:", "auth_failed");
-    assert!(dropped >= 1900, "only {dropped} forged datagrams counted:\n{slog}");
+    assert!(
+        dropped >= 1900,
+        "only {dropped} forged datagrams counted:\n{slog}"
+    );
 }
 
 #[test]
@@ -185,7 +185,8 @@ fn vanished_peer_gives_clear_error_and_download_resumes() {
     assert!(!out.exists(), "partial data at the target path");
     let tmp = tmp_files(&p.a);
     assert!(
-        tmp.iter().any(|f| f.starts_with("udp-") && f.ends_with(".state")),
+        tmp.iter()
+            .any(|f| f.starts_with("udp-") && f.ends_with(".state")),
         "{tmp:?}"
     );
     // The next attempt resumes from what is there.

@@ -33,7 +33,9 @@ fn transfer(emu_args: &[&str], size: usize, seed: u64) -> Option<(String, String
         "{} MiB through linkemu {emu_args:?} in {secs:.2}s ({:.1} MB/s)\n{elog}{}",
         size / MIB,
         size as f64 / secs / 1e6,
-        slog.lines().filter(|l| l.contains("done:")).collect::<String>()
+        slog.lines()
+            .filter(|l| l.contains("done:"))
+            .collect::<String>()
     );
     Some((err, slog))
 }
@@ -62,7 +64,16 @@ fn forged_and_replayed_datagrams_are_rejected() {
     // zeroed so the kernel delivers them), 2% trigger a replay of an old datagram, 1% are
     // duplicated. Every one must be dropped and counted; the file must still be exact.
     let Some((err, slog)) = transfer(
-        &["--delay-ms", "2", "--corrupt", "2", "--replay", "2", "--dup", "1"],
+        &[
+            "--delay-ms",
+            "2",
+            "--corrupt",
+            "2",
+            "--replay",
+            "2",
+            "--dup",
+            "1",
+        ],
         16 * MIB,
         13,
     ) else {

@@ -32,7 +32,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "mybox-linkemu", about = "Emulate a WAN link between two network namespaces")]
+#[command(
+    name = "mybox-linkemu",
+    about = "Emulate a WAN link between two network namespaces"
+)]
 struct Args {
     /// One-way delay in each direction, milliseconds (RTT = 2 × this).
     #[arg(long, default_value_t = 0.0)]

@@ -431,8 +431,7 @@ impl Sender {
         let pending = !self.retx.is_empty() || self.next_new < self.n;
         let t = if pending {
             // Wake when a full datagram is affordable, not before (no spinning).
-            self.pacer
-                .next_at(now, self.rate.rate(), self.datagram_max)
+            self.pacer.next_at(now, self.rate.rate(), self.datagram_max)
         } else {
             self.tail_next
                 .unwrap_or(now + Duration::from_millis(5))

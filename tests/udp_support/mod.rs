@@ -32,7 +32,11 @@ pub fn mybox_in(ns: Option<&str>) -> Command {
 
 pub fn init(dir: &Path) -> String {
     let out = mybox().arg("init").arg(dir).output().unwrap();
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -43,7 +47,11 @@ pub fn peer_add(box_dir: &Path, id: &str, addr: &str) {
         .args(["peer", "add", id, addr])
         .output()
         .unwrap();
-    assert!(out.status.success(), "peer add: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "peer add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
