@@ -217,7 +217,7 @@ impl Receiver {
         Ok(Receiver {
             tmp,
             file: Some(file),
-            pipeline: Some(hashing::Pipeline::new()),
+            pipeline: Some(hashing::Pipeline::with_blocks(false)),
             written: 0,
         })
     }

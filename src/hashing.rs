@@ -60,30 +60,44 @@ impl StreamHasher {
     }
 
     fn update_sha(&mut self, mut data: &[u8]) {
-        self.sha.update(data);
-        self.size += data.len() as u64;
+        // Block 0 is not hashed separately: the whole-file hasher's state at the end of block 0
+        // *is* block 0's hash, so a file of one block (most files) costs one SHA-256 pass.
         while !data.is_empty() {
             let room = (BLOCK_SIZE - self.block_fill) as usize;
             let take = room.min(data.len());
-            self.block.update(&data[..take]);
+            self.sha.update(&data[..take]);
+            if self.size >= BLOCK_SIZE {
+                self.block.update(&data[..take]);
+            }
             self.block_fill += take as u64;
+            self.size += take as u64;
             data = &data[take..];
             if self.block_fill == BLOCK_SIZE {
-                self.blocks
-                    .push(std::mem::take(&mut self.block).finalize().into());
+                let h = if self.size == BLOCK_SIZE {
+                    self.sha.clone().finalize().into()
+                } else {
+                    std::mem::take(&mut self.block).finalize().into()
+                };
+                self.blocks.push(h);
                 self.block_fill = 0;
             }
         }
     }
 
-    pub fn finish(mut self) -> FileHashes {
+    pub fn finish(self) -> FileHashes {
+        let mut blocks = self.blocks;
+        let sha256: [u8; 32] = self.sha.finalize().into();
         if self.block_fill > 0 {
-            self.blocks.push(self.block.finalize().into());
+            blocks.push(if self.size < BLOCK_SIZE {
+                sha256
+            } else {
+                self.block.finalize().into()
+            });
         }
         FileHashes {
             md5: self.md5.finalize().into(),
-            sha256: self.sha.finalize().into(),
-            blocks: self.blocks,
+            sha256,
+            blocks,
             size: self.size,
         }
     }
@@ -106,6 +120,11 @@ impl Default for Pipeline {
 
 impl Pipeline {
     pub fn new() -> Self {
+        Self::with_blocks(true)
+    }
+
+    /// `blocks = false` skips the per-block hashes (a download only verifies whole-file digests).
+    pub fn with_blocks(blocks: bool) -> Self {
         let (md5_tx, md5_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
         let (sha_tx, sha_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
         let md5_thread = std::thread::spawn(move || {
@@ -118,7 +137,12 @@ impl Pipeline {
         let sha_thread = std::thread::spawn(move || {
             let mut h = StreamHasher::new();
             for chunk in sha_rx {
-                h.update_sha(&chunk);
+                if blocks {
+                    h.update_sha(&chunk);
+                } else {
+                    h.sha.update(&chunk[..]);
+                    h.size += chunk.len() as u64;
+                }
             }
             h
         });

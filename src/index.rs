@@ -157,6 +157,44 @@ impl Index {
             .collect::<Result<_, _>>()?)
     }
 
+    /// Live entries as the query commands show them, without loading block lists or version
+    /// vectors (a listing of 100,000 files stays cheap). `hashed_files_only` selects regular
+    /// files with both digests, for the hash commands.
+    pub fn entries(&self, mtime_range: Option<(i64, i64)>, hashed_files_only: bool) -> anyhow::Result<Vec<crate::model::EntryInfo>> {
+        let mut sql = String::from(
+            "SELECT path, kind, size, mtime_ns, mode, target, md5, sha256 FROM files WHERE deleted = 0",
+        );
+        if mtime_range.is_some() {
+            sql.push_str(" AND mtime_ns BETWEEN ?1 AND ?2");
+        }
+        if hashed_files_only {
+            sql.push_str(" AND kind = 0 AND md5 IS NOT NULL AND sha256 IS NOT NULL");
+        }
+        sql.push_str(" ORDER BY path");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let map = |row: &Row<'_>| -> rusqlite::Result<Option<crate::model::EntryInfo>> {
+            let path: String = row.get(0)?;
+            let Ok(path) = RelPath::parse(&path) else { return Ok(None) };
+            let kind = Kind::from_i64(row.get(1)?).unwrap_or(Kind::File);
+            Ok(Some(crate::model::EntryInfo {
+                mime: crate::model::mime_for(&path, kind),
+                path,
+                kind,
+                size: row.get::<_, i64>(2)? as u64,
+                mtime_ns: row.get(3)?,
+                mode: row.get::<_, i64>(4)? as u32,
+                target: row.get(5)?,
+                md5: if hashed_files_only { blob_to_arr(row.get(6)?) } else { None },
+                sha256: if hashed_files_only { blob_to_arr(row.get(7)?) } else { None },
+            }))
+        };
+        let rows = match mtime_range {
+            Some((a, b)) => stmt.query_map(params![a, b], map)?.collect::<Result<Vec<_>, _>>()?,
+            None => stmt.query_map([], map)?.collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows.into_iter().flatten().collect())
+    }
+
     /// Records changed after `seq`, in sequence order (incremental index exchange).
     pub fn since(&self, seq: u64, limit: usize) -> anyhow::Result<Vec<Record>> {
         let mut stmt = self
@@ -190,6 +228,21 @@ impl Index {
             params![next],
         )?;
         Ok(next as u64)
+    }
+
+    /// Hand out sequence numbers from memory for a batch of changes (one transaction); call
+    /// [`SeqAlloc::commit`] before the transaction ends.
+    pub fn seq_alloc(&self) -> anyhow::Result<SeqAlloc> {
+        let cur: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(SeqAlloc {
+            last: cur.unwrap_or(0).max(self.max_sequence()? as i64) as u64,
+            used: false,
+        })
     }
 
     /// Insert or replace a record as is (its sequence must already be set).
@@ -309,6 +362,27 @@ impl Index {
             "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![key, value],
         )?;
+        Ok(())
+    }
+}
+
+/// Sequence numbers handed out within one transaction.
+pub struct SeqAlloc {
+    last: u64,
+    used: bool,
+}
+
+impl SeqAlloc {
+    pub fn take(&mut self) -> u64 {
+        self.last += 1;
+        self.used = true;
+        self.last
+    }
+
+    pub fn commit(self, ix: &Index) -> anyhow::Result<()> {
+        if self.used {
+            ix.meta_set("sequence", self.last as i64)?;
+        }
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use regex::RegexBuilder;
 
 use crate::config::BoxDir;
 use crate::index::Index;
-use crate::model::{EntryInfo, Kind, Record};
+use crate::model::{EntryInfo, Kind};
 use crate::paths::RelPath;
 use crate::protocol::{ErrorCode, ListFilter};
 use crate::scan::{self, HashWanted};
@@ -94,17 +94,6 @@ fn compile(f: &ListFilter) -> Result<Compiled, QueryError> {
     })
 }
 
-impl Compiled {
-    fn matches(&self, r: &Record) -> bool {
-        match self {
-            Compiled::All => true,
-            Compiled::Range(a, b) => r.mtime_ns >= *a && r.mtime_ns <= *b,
-            Compiled::Regex(re) => re.is_match(r.path.as_str()),
-            Compiled::Path(p) => &r.path == p,
-        }
-    }
-}
-
 /// Everything a box needs to answer queries about itself.
 pub struct LocalBox {
     pub dir: BoxDir,
@@ -139,26 +128,10 @@ impl LocalBox {
             _ => RelPath::root(),
         };
         scan::scan(&self.dir, &mut ix, self.device, &under, HashWanted::None)?;
-        let recs = match &f {
-            Compiled::Path(p) => ix
-                .get(p)?
-                .into_iter()
-                .map(|s| s.record)
-                .filter(|r| !r.deleted)
-                .collect(),
-            _ => ix.live()?,
-        };
-        let out: Vec<EntryInfo> = recs
-            .iter()
-            .filter(|r| f.matches(r))
-            .map(|r| EntryInfo::from_record(r, false))
-            .collect();
+        let out = select(&ix, &f, false)?;
         if let Compiled::Path(p) = &f {
             if out.is_empty() {
-                return Err(QueryError::new(
-                    ErrorCode::NotFound,
-                    format!("{p}: no such file"),
-                ));
+                return Err(QueryError::new(ErrorCode::NotFound, format!("{p}: no such file")));
             }
         }
         Ok(out)
@@ -178,33 +151,13 @@ impl LocalBox {
             Compiled::Regex(re) => re.is_match(p.as_str()),
             Compiled::Path(x) => x == p,
         };
-        let summary = scan::scan(
-            &self.dir,
-            &mut ix,
-            self.device,
-            &under,
-            HashWanted::Only(&want),
-        )?;
+        let summary = scan::scan(&self.dir, &mut ix, self.device, &under, HashWanted::Only(&want))?;
         for e in &summary.errors {
             tracing::warn!("hashing: {e}");
         }
-        let recs: Vec<Record> = match &f {
-            Compiled::Path(p) => ix
-                .get(p)?
-                .into_iter()
-                .map(|s| s.record)
-                .filter(|r| !r.deleted)
-                .collect(),
-            _ => ix.live()?,
-        };
         if let Compiled::Path(p) = &f {
-            match recs.first() {
-                None => {
-                    return Err(QueryError::new(
-                        ErrorCode::NotFound,
-                        format!("{p}: no such file"),
-                    ))
-                }
+            match ix.get(p)?.map(|s| s.record).filter(|r| !r.deleted) {
+                None => return Err(QueryError::new(ErrorCode::NotFound, format!("{p}: no such file"))),
                 Some(r) if r.kind != Kind::File => {
                     return Err(QueryError::new(
                         ErrorCode::NotAFile,
@@ -212,18 +165,31 @@ impl LocalBox {
                     ))
                 }
                 Some(r) if !r.is_hashed() => {
-                    return Err(QueryError::new(
-                        ErrorCode::Busy,
-                        format!("{p}: could not be hashed (changing?)"),
-                    ))
+                    return Err(QueryError::new(ErrorCode::Busy, format!("{p}: could not be hashed (changing?)")))
                 }
-                _ => {}
+                Some(r) => return Ok(vec![EntryInfo::from_record(&r, true)]),
             }
         }
-        Ok(recs
-            .iter()
-            .filter(|r| r.kind == Kind::File && r.is_hashed() && f.matches(r))
-            .map(|r| EntryInfo::from_record(r, true))
-            .collect())
+        select(&ix, &f, true)
+    }
+}
+
+/// The index's live entries that pass `f`.
+fn select(ix: &Index, f: &Compiled, hashes: bool) -> Result<Vec<EntryInfo>, QueryError> {
+    match f {
+        Compiled::Path(p) => Ok(ix
+            .get(p)?
+            .map(|s| s.record)
+            .filter(|r| !r.deleted)
+            .map(|r| EntryInfo::from_record(&r, hashes))
+            .into_iter()
+            .collect()),
+        Compiled::Range(a, b) => Ok(ix.entries(Some((*a, *b)), hashes)?),
+        Compiled::All => Ok(ix.entries(None, hashes)?),
+        Compiled::Regex(re) => {
+            let mut all = ix.entries(None, hashes)?;
+            all.retain(|e| re.is_match(e.path.as_str()));
+            Ok(all)
+        }
     }
 }

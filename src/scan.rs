@@ -5,14 +5,13 @@
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Mutex;
 
 use anyhow::Context;
 
 use crate::config::BoxDir;
 use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
-use crate::index::Index;
-use crate::model::{Kind, Record, VersionVector};
+use crate::index::{Index, SeqAlloc};
+use crate::model::{Kind, Record};
 use crate::paths::{RelPath, META_DIR};
 
 /// Suffix of partial files a download writes next to its target; never listed or synced.
@@ -92,7 +91,10 @@ fn mtime_ns(md: &std::fs::Metadata) -> i64 {
 
 /// lstat one path of the store into a [`DiskEntry`] (None for sockets, fifos, devices).
 pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
-    let full = path.to_fs(root);
+    // Never look through a symlinked parent: a link planted in the store must not make a path
+    // outside it appear inside.
+    let full = crate::paths::resolve_no_follow(root, path)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
     let md = std::fs::symlink_metadata(&full)?;
     let ft = md.file_type();
     let kind = if ft.is_file() {
@@ -272,108 +274,156 @@ pub fn scan(
         }
     }
 
-    // Hash what needs hashing on all cores.
-    let to_hash: Vec<&DiskEntry> = todo
+    // Hash on every core while this thread writes the index: records that need no hashing go
+    // first, hashed ones as their results arrive, so database work overlaps the hashing.
+    let (plain, hashing): (Vec<&Todo>, Vec<&Todo>) = todo.iter().partition(|t| {
+        !matches!(
+            t,
+            Todo::Changed { hash: true, .. } | Todo::Suspect(_) | Todo::FillHash(_)
+        )
+    });
+    let to_hash: Vec<&DiskEntry> = hashing
         .iter()
-        .filter_map(|t| match t {
-            Todo::Changed { entry, hash: true } => Some(entry),
-            Todo::Suspect(e) | Todo::FillHash(e) => Some(e),
-            _ => None,
+        .map(|t| match t {
+            Todo::Changed { entry, .. } | Todo::Suspect(entry) | Todo::FillHash(entry) => entry,
         })
         .collect();
-    let hashed = hash_many(&b.root, &to_hash);
-    let mut results: std::collections::HashMap<RelPath, Result<(FileHashes, StatKey), String>> =
-        std::collections::HashMap::new();
-    for (p, r) in hashed {
-        match &r {
-            Ok((h, _)) => {
-                summary.hashed_files += 1;
-                summary.hashed_bytes += h.size;
-            }
-            Err(e) => summary.errors.push(format!("{p}: {e}")),
-        }
-        results.insert(p, r);
-    }
 
-    index.transaction(|ix| {
-        for t in &todo {
-            let (entry, is_suspect) = match t {
-                Todo::Changed { entry, .. } => (entry, false),
-                Todo::Suspect(e) => (e, true),
-                Todo::FillHash(e) => (e, false),
-            };
-            let hashed = results.get(&entry.path).and_then(|r| r.as_ref().ok());
-            let old = ix.get(&entry.path)?;
-            let (fill_only, content_same) = match (t, &old, hashed) {
-                (Todo::FillHash(_), Some(_), _) => (true, true),
-                (Todo::Suspect(_), Some(o), Some((h, _))) => {
-                    (true, o.record.sha256 == Some(h.sha256))
-                }
-                (Todo::Suspect(_), _, None) => continue, // could not hash: decide next time
-                _ => (false, false),
-            };
-            let mut rec = match (&old, fill_only && content_same) {
-                (Some(o), true) => o.record.clone(),
-                _ => new_record(entry, old.as_ref().map(|o| &o.record), device),
-            };
-            let mut stat = Some(entry.stat);
-            if let Some((h, key)) = hashed {
-                rec.md5 = Some(h.md5);
-                rec.sha256 = Some(h.sha256);
-                rec.blocks = h.blocks.clone();
-                rec.size = h.size;
-                rec.mtime_ns = key.mtime_ns;
-                stat = Some(*key);
-            } else if entry.kind == Kind::File && !(fill_only && content_same) {
-                rec.md5 = None;
-                rec.sha256 = None;
-                rec.blocks.clear();
-                stat = None;
-            }
-            if is_suspect && content_same {
-                if let Some((_, key)) = hashed {
-                    ix.set_stat(&entry.path, *key)?;
-                }
-                continue;
-            }
-            if !(fill_only && content_same) {
-                rec.sequence = ix.next_sequence()?;
-                summary.changed.push(entry.path.clone());
-            }
-            ix.put(&rec, stat)?;
+    let apply = |ix: &Index,
+                 seq: &mut SeqAlloc,
+                 summary: &mut ScanSummary,
+                 t: &Todo,
+                 hashed: Option<&(FileHashes, StatKey)>|
+     -> anyhow::Result<()> {
+        let (entry, is_suspect) = match t {
+            Todo::Changed { entry, .. } => (entry, false),
+            Todo::Suspect(e) => (e, true),
+            Todo::FillHash(e) => (e, false),
+        };
+        let old = if known.contains_key(&entry.path) {
+            ix.get(&entry.path)?
+        } else {
+            None
+        };
+        let (fill_only, content_same) = match (t, &old, hashed) {
+            (Todo::FillHash(_), Some(_), _) => (true, true),
+            (Todo::Suspect(_), Some(o), Some((h, _))) => (true, o.record.sha256 == Some(h.sha256)),
+            (Todo::Suspect(_), _, None) => return Ok(()), // could not hash: decide next time
+            _ => (false, false),
+        };
+        let mut rec = match (&old, fill_only && content_same) {
+            (Some(o), true) => o.record.clone(),
+            _ => new_record(entry, old.as_ref().map(|o| &o.record), device),
+        };
+        let mut stat = Some(entry.stat);
+        if let Some((h, key)) = hashed {
+            rec.md5 = Some(h.md5);
+            rec.sha256 = Some(h.sha256);
+            rec.blocks = h.blocks.clone();
+            rec.size = h.size;
+            rec.mtime_ns = key.mtime_ns;
+            stat = Some(*key);
+        } else if entry.kind == Kind::File && !(fill_only && content_same) {
+            rec.md5 = None;
+            rec.sha256 = None;
+            rec.blocks.clear();
+            stat = None;
         }
-        // Vanished paths become tombstones.
-        for (path, row) in &known {
-            if row.deleted || seen.contains(path) || !path.starts_with(under) {
-                continue;
+        if is_suspect && content_same {
+            if let Some((_, key)) = hashed {
+                ix.set_stat(&entry.path, *key)?;
             }
-            if ignore.is_ignored(path, row.kind == Kind::Dir) {
-                // Ignored on this box now: keep the last record, don't announce a delete.
-                continue;
-            }
-            if let Some(old) = ix.get(path)? {
-                let mut rec = old.record;
-                rec.deleted = true;
-                rec.md5 = None;
-                rec.sha256 = None;
-                rec.blocks.clear();
-                rec.size = 0;
-                rec.version.bump(device);
-                rec.modified_by = device;
-                rec.sequence = ix.next_sequence()?;
-                ix.put(&rec, None)?;
-                summary.changed.push(path.clone());
-            }
+            return Ok(());
         }
-        Ok(())
+        if !(fill_only && content_same) {
+            rec.sequence = seq.take();
+            summary.changed.push(entry.path.clone());
+        }
+        ix.put(&rec, stat)
+    };
+
+    std::thread::scope(|scope| {
+        let results = spawn_hashers(scope, &b.root, &to_hash);
+        index.transaction(|ix| {
+            let mut seq = ix.seq_alloc()?;
+            for t in &plain {
+                apply(ix, &mut seq, &mut summary, t, None)?;
+            }
+            for (i, r) in results {
+                let t = hashing[i];
+                match r {
+                    Ok(h) => {
+                        summary.hashed_files += 1;
+                        summary.hashed_bytes += h.0.size;
+                        apply(ix, &mut seq, &mut summary, t, Some(&h))?;
+                    }
+                    Err(e) => {
+                        summary.errors.push(format!("{}: {e}", to_hash[i].path));
+                        apply(ix, &mut seq, &mut summary, t, None)?;
+                    }
+                }
+            }
+            // Vanished paths become tombstones.
+            for (path, row) in &known {
+                if row.deleted || seen.contains(path) || !path.starts_with(under) {
+                    continue;
+                }
+                if ignore.is_ignored(path, row.kind == Kind::Dir) {
+                    // Ignored on this box now: keep the last record, don't announce a delete.
+                    continue;
+                }
+                if let Some(old) = ix.get(path)? {
+                    let mut rec = old.record;
+                    rec.deleted = true;
+                    rec.md5 = None;
+                    rec.sha256 = None;
+                    rec.blocks.clear();
+                    rec.size = 0;
+                    rec.version.bump(device);
+                    rec.modified_by = device;
+                    rec.sequence = seq.take();
+                    ix.put(&rec, None)?;
+                    summary.changed.push(path.clone());
+                }
+            }
+            seq.commit(ix)
+        })
     })?;
     Ok(summary)
 }
 
+/// Start one hashing worker per core over `entries`; results arrive as (input index, result).
+fn spawn_hashers<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    root: &'env Path,
+    entries: &'env [&'env DiskEntry],
+) -> std::sync::mpsc::Receiver<(usize, HashResult)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(entries.len());
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..workers {
+        let tx = tx.clone();
+        let next = next.clone();
+        scope.spawn(move || loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(e) = entries.get(i) else { return };
+            let r = hash_file_stable(&e.path.to_fs(root)).map_err(|err| match err {
+                HashError::Io(io) => io.to_string(),
+                other => other.to_string(),
+            });
+            if tx.send((i, r)).is_err() {
+                return;
+            }
+        });
+    }
+    rx
+}
+
 fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
-    let mut version = old
-        .map(|o| o.version.clone())
-        .unwrap_or_else(VersionVector::new);
+    let mut version = old.map(|o| o.version.clone()).unwrap_or_default();
     version.bump(device);
     Record {
         path: e.path.clone(),
@@ -392,49 +442,118 @@ fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
     }
 }
 
+/// Outcome of hashing one file.
+pub type HashResult = Result<(FileHashes, StatKey), String>;
+
 /// Hash files on every core; results in input order.
-pub fn hash_many(
-    root: &Path,
-    entries: &[&DiskEntry],
-) -> Vec<(RelPath, Result<(FileHashes, StatKey), String>)> {
-    if entries.is_empty() {
-        return Vec::new();
-    }
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .min(entries.len());
-    let next = Mutex::new(0usize);
-    let out: Mutex<Vec<Option<(RelPath, Result<(FileHashes, StatKey), String>)>>> =
-        Mutex::new((0..entries.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = {
-                    let Ok(mut n) = next.lock() else { return };
-                    let i = *n;
-                    *n += 1;
-                    i
-                };
-                let Some(e) = entries.get(i) else { return };
-                let r = hash_file_stable(&e.path.to_fs(root)).map_err(|err| match err {
-                    HashError::Io(io) => io.to_string(),
-                    other => other.to_string(),
-                });
-                if let Ok(mut o) = out.lock() {
-                    o[i] = Some((e.path.clone(), r));
-                }
-            });
+pub fn hash_many(root: &Path, entries: &[&DiskEntry]) -> Vec<(RelPath, HashResult)> {
+    let mut out: Vec<Option<HashResult>> = (0..entries.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for (i, r) in spawn_hashers(scope, root, entries) {
+            out[i] = Some(r);
         }
     });
-    out.into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .flatten()
+    entries
+        .iter()
+        .zip(out)
+        .map(|(e, r)| {
+            (
+                e.path.clone(),
+                r.unwrap_or_else(|| Err("not hashed".into())),
+            )
+        })
         .collect()
 }
 
 /// This box's short device id, cached in the index.
 pub fn device_short(b: &BoxDir) -> anyhow::Result<u64> {
     Ok(b.identity().context("loading identity")?.id.short())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, BoxDir, Index) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (b, _) = BoxDir::init(&tmp.path().join("box")).unwrap();
+        let ix = Index::open(&b).unwrap();
+        (tmp, b, ix)
+    }
+
+    fn rec(ix: &Index, p: &str) -> Record {
+        ix.get(&RelPath::parse(p).unwrap()).unwrap().unwrap().record
+    }
+
+    #[test]
+    fn versions_sequences_and_tombstones() {
+        let (_t, b, mut ix) = setup();
+        std::fs::write(b.root.join("f"), b"one").unwrap();
+        std::fs::create_dir(b.root.join("d")).unwrap();
+        std::os::unix::fs::symlink("f", b.root.join("l")).unwrap();
+        let s = scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::All).unwrap();
+        assert_eq!(s.changed.len(), 3);
+        let f1 = rec(&ix, "f");
+        assert_eq!(f1.version.get(7), 1);
+        assert!(f1.is_hashed());
+        assert_eq!(rec(&ix, "l").target.as_deref(), Some("f"));
+        // Nothing changed: no new versions, nothing rehashed.
+        let s = scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::All).unwrap();
+        assert!(s.changed.is_empty() && s.hashed_files == 0);
+        // A chmod (ctime changes, content equal) is a new version of the metadata only.
+        std::fs::set_permissions(
+            b.root.join("f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let s = scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::All).unwrap();
+        assert_eq!(s.changed.len(), 1);
+        let f2 = rec(&ix, "f");
+        assert!(f2.sequence > f1.sequence && f2.version.get(7) > f1.version.get(7));
+        assert_eq!(f2.sha256, f1.sha256);
+        // Delete: a tombstone with a newer version.
+        std::fs::remove_file(b.root.join("f")).unwrap();
+        scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::None).unwrap();
+        let f3 = rec(&ix, "f");
+        assert!(f3.deleted && f3.version.compare(&f2.version) == crate::model::VvOrder::Greater);
+        // Ignored paths are not indexed; .mybox never is.
+        std::fs::write(b.root.join(IGNORE_FILE), "*.tmp\nbuild/\n").unwrap();
+        std::fs::write(b.root.join("x.tmp"), b"t").unwrap();
+        std::fs::create_dir(b.root.join("build")).unwrap();
+        std::fs::write(b.root.join("build/out"), b"o").unwrap();
+        scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::None).unwrap();
+        assert!(ix.get(&RelPath::parse("x.tmp").unwrap()).unwrap().is_none());
+        assert!(ix
+            .get(&RelPath::parse("build/out").unwrap())
+            .unwrap()
+            .is_none());
+        assert!(ix
+            .get(&RelPath::parse(".myboxignore").unwrap())
+            .unwrap()
+            .is_some());
+        assert!(ix
+            .all()
+            .unwrap()
+            .iter()
+            .all(|s| !s.record.path.as_str().starts_with(".mybox/")));
+    }
+
+    #[test]
+    fn touched_file_with_same_content_keeps_hashes_and_rehash_on_change() {
+        let (_t, b, mut ix) = setup();
+        let f = b.root.join("f");
+        std::fs::write(&f, b"aaaa").unwrap();
+        scan(&b, &mut ix, 1, &RelPath::root(), HashWanted::All).unwrap();
+        let before = rec(&ix, "f");
+        // Same size, different content, mtime forced back: ctime still betrays the write.
+        let mtime =
+            filetime::FileTime::from_last_modification_time(&std::fs::metadata(&f).unwrap());
+        std::fs::write(&f, b"bbbb").unwrap();
+        filetime::set_file_mtime(&f, mtime).unwrap();
+        let s = scan(&b, &mut ix, 1, &RelPath::root(), HashWanted::All).unwrap();
+        assert_eq!(s.hashed_files, 1);
+        let after = rec(&ix, "f");
+        assert_ne!(after.sha256, before.sha256);
+        assert!(after.version.compare(&before.version) == crate::model::VvOrder::Greater);
+    }
 }

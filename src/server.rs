@@ -25,6 +25,10 @@ use crate::query::{LocalBox, QueryError};
 
 /// Connections served at once; more are refused (closed) until one ends.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Handshakes in progress at once (unauthenticated sockets).
+pub const MAX_HANDSHAKING: usize = 32;
+/// Authenticated connections one device may hold open.
+pub const MAX_PER_PEER: usize = 64;
 /// How long a sender waits for a writer to release a file before giving up.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
@@ -377,6 +381,11 @@ fn read_for_download(
 }
 
 /// Accept peers on `listener` until `shutdown` resolves.
+///
+/// Limits keep a box serving its real peers under abuse: unauthenticated handshakes are capped
+/// and, when the cap is hit, the *oldest* pending handshake is dropped (so a flood of silent
+/// sockets cannot lock a peer out: a fresh connection always gets its chance); authenticated
+/// connections are capped per device and in total.
 pub async fn run_listener(
     ctx: Arc<ServerCtx>,
     listener: TcpListener,
@@ -385,6 +394,13 @@ pub async fn run_listener(
     let acceptor = ctx.tls_acceptor()?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let handler: Arc<dyn Handler> = Arc::new(BoxHandler(ctx.clone()));
+    let pending: Arc<
+        std::sync::Mutex<std::collections::VecDeque<(u64, tokio::task::AbortHandle)>>,
+    > = Arc::default();
+    let per_peer: Arc<
+        std::sync::Mutex<std::collections::HashMap<crate::identity::DeviceId, usize>>,
+    > = Arc::default();
+    let mut next_id: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -405,19 +421,68 @@ pub async fn run_listener(
             drop(tcp);
             continue;
         };
+        if let Ok(mut p) = pending.lock() {
+            p.retain(|(_, h)| !h.is_finished());
+            while p.len() >= MAX_HANDSHAKING {
+                if let Some((_, oldest)) = p.pop_front() {
+                    tracing::warn!("{MAX_HANDSHAKING} handshakes pending: dropping the oldest");
+                    oldest.abort();
+                }
+            }
+        }
+        next_id += 1;
+        let my_id = next_id;
         let acceptor = acceptor.clone();
         let handler = handler.clone();
         let ctx = ctx.clone();
+        let pending2 = pending.clone();
+        let per_peer = per_peer.clone();
+        let handshake = tokio::spawn(async move {
+            let r = net::accept(&acceptor, tcp, addr, handler).await;
+            if let Ok(mut p) = pending2.lock() {
+                p.retain(|(id, _)| *id != my_id);
+            }
+            r
+        });
+        if let Ok(mut p) = pending.lock() {
+            p.push_back((my_id, handshake.abort_handle()));
+        }
         tokio::spawn(async move {
-            match net::accept(&acceptor, tcp, addr, handler).await {
-                Ok((conn, task)) => {
-                    tracing::debug!("peer {} connected from {addr}", conn.peer().id.short_str());
-                    if let Some(engine) = ctx.sync.get() {
-                        engine.on_incoming(conn.clone());
-                    }
-                    let _ = task.await;
+            let (conn, task) = match handshake.await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    tracing::warn!("{e:#}");
+                    return;
                 }
-                Err(e) => tracing::warn!("{e:#}"),
+                Err(_) => return, // aborted to make room
+            };
+            let peer = conn.peer().id;
+            let count = per_peer.lock().map(|mut m| {
+                let c = m.entry(peer).or_insert(0);
+                *c += 1;
+                *c
+            });
+            if count.map(|c| c > MAX_PER_PEER).unwrap_or(true) {
+                tracing::warn!(
+                    "peer {} has {MAX_PER_PEER} connections open already; closing this one",
+                    peer.short_str()
+                );
+                conn.close();
+                task.abort();
+            } else {
+                tracing::debug!("peer {} connected from {addr}", peer.short_str());
+                if let Some(engine) = ctx.sync.get() {
+                    engine.on_incoming(conn.clone());
+                }
+                let _ = task.await;
+            }
+            if let Ok(mut m) = per_peer.lock() {
+                if let Some(c) = m.get_mut(&peer) {
+                    *c -= 1;
+                    if *c == 0 {
+                        m.remove(&peer);
+                    }
+                }
             }
             drop(permit);
         });

@@ -31,8 +31,15 @@ fn local_ns(input: &str, dt: NaiveDateTime) -> Result<i64, TimeError> {
         .from_local_datetime(&dt)
         .earliest()
         .ok_or_else(|| err(input, "that local time does not exist (DST gap)"))?;
-    t.timestamp_nanos_opt()
-        .ok_or_else(|| err(input, "out of range"))
+    Ok(saturating_ns(t.timestamp(), t.timestamp_subsec_nanos()))
+}
+
+/// Nanoseconds since the epoch, clamped to what an i64 holds (years ~1678..2262): a range bound
+/// beyond that still means "everything before/after".
+fn saturating_ns(secs: i64, nanos: u32) -> i64 {
+    secs.checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(nanos as i64))
+        .unwrap_or(if secs < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Parse into nanoseconds since the Unix epoch.
@@ -64,9 +71,7 @@ pub fn parse_time(input: &str, bound: Bound) -> Result<i64, TimeError> {
         return Ok(ns);
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return t
-            .timestamp_nanos_opt()
-            .ok_or_else(|| err(input, "out of range"));
+        return Ok(saturating_ns(t.timestamp(), t.timestamp_subsec_nanos()));
     }
     for fmt in [
         "%Y-%m-%d %H:%M:%S%.f",

@@ -149,7 +149,7 @@ pub fn one_line(e: &anyhow::Error) -> String {
 
 fn init_logging(verbose: u8, serving: bool) {
     let default = match (verbose, serving) {
-        (0, false) => "warn",
+        (0, false) => "error",
         (0, true) => "info",
         (1, _) => "info,mybox=debug",
         _ => "debug",

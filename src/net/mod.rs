@@ -107,7 +107,19 @@ pub async fn connect(
             )
         })??;
     let (conn, task) = rpc::spawn(stream, info, handler);
-    hello(&conn).await?;
+    if let Err(e) = hello(&conn).await {
+        // In TLS 1.3 the server checks our certificate after the client thinks the handshake is
+        // done, so a refusal shows up as the connection closing on the first request.
+        if conn.is_closed() {
+            anyhow::bail!(
+                "the peer at {addr} closed the connection during the handshake: this box ({}) is \
+                 probably not paired there (on the peer: mybox peer add {} ADDR)",
+                ident.id.short_str(),
+                ident.id
+            );
+        }
+        return Err(e);
+    }
     Ok((conn, task))
 }
 

@@ -322,7 +322,16 @@ where
     });
 
     let reader_conn = conn.clone();
+    let writer_abort = writer.abort_handle();
     let task = tokio::spawn(async move {
+        // However this task ends (including being aborted), the writer goes with it.
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _writer_guard = AbortOnDrop(writer_abort);
         let shared = reader_conn.shared.clone();
         let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
         let result = read_loop(&mut rd, &reader_conn, &handler, &inflight).await;
@@ -334,7 +343,6 @@ where
             );
         }
         mark_closed(&shared);
-        writer.abort();
     });
     (conn, task)
 }
@@ -355,15 +363,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Ok(_)) => {}
         }
         let len = protocol::check_len(prefix)?;
-        let mut body = vec![0u8; len];
-        tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(&mut body))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "frame of {len} bytes not completed within {}s",
-                    FRAME_TIMEOUT.as_secs()
-                )
-            })??;
+        // `len` was checked against the cap; read without zero-filling first.
+        let mut body = Vec::with_capacity(len);
+        let got = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            (&mut *rd).take(len as u64).read_to_end(&mut body),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "frame of {len} bytes not completed within {}s",
+                FRAME_TIMEOUT.as_secs()
+            )
+        })??;
+        if got != len {
+            anyhow::bail!("connection closed in the middle of a {len}-byte frame");
+        }
         match protocol::decode(&body)? {
             Frame::Response { id, end, body } => {
                 let tx = shared.pending.lock().ok().and_then(|p| p.get(&id).cloned());
