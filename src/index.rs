@@ -160,7 +160,11 @@ impl Index {
     /// Live entries as the query commands show them, without loading block lists or version
     /// vectors (a listing of 100,000 files stays cheap). `hashed_files_only` selects regular
     /// files with both digests, for the hash commands.
-    pub fn entries(&self, mtime_range: Option<(i64, i64)>, hashed_files_only: bool) -> anyhow::Result<Vec<crate::model::EntryInfo>> {
+    pub fn entries(
+        &self,
+        mtime_range: Option<(i64, i64)>,
+        hashed_files_only: bool,
+    ) -> anyhow::Result<Vec<crate::model::EntryInfo>> {
         let mut sql = String::from(
             "SELECT path, kind, size, mtime_ns, mode, target, md5, sha256 FROM files WHERE deleted = 0",
         );
@@ -174,7 +178,9 @@ impl Index {
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let map = |row: &Row<'_>| -> rusqlite::Result<Option<crate::model::EntryInfo>> {
             let path: String = row.get(0)?;
-            let Ok(path) = RelPath::parse(&path) else { return Ok(None) };
+            let Ok(path) = RelPath::parse(&path) else {
+                return Ok(None);
+            };
             let kind = Kind::from_i64(row.get(1)?).unwrap_or(Kind::File);
             Ok(Some(crate::model::EntryInfo {
                 mime: crate::model::mime_for(&path, kind),
@@ -184,12 +190,22 @@ impl Index {
                 mtime_ns: row.get(3)?,
                 mode: row.get::<_, i64>(4)? as u32,
                 target: row.get(5)?,
-                md5: if hashed_files_only { blob_to_arr(row.get(6)?) } else { None },
-                sha256: if hashed_files_only { blob_to_arr(row.get(7)?) } else { None },
+                md5: if hashed_files_only {
+                    blob_to_arr(row.get(6)?)
+                } else {
+                    None
+                },
+                sha256: if hashed_files_only {
+                    blob_to_arr(row.get(7)?)
+                } else {
+                    None
+                },
             }))
         };
         let rows = match mtime_range {
-            Some((a, b)) => stmt.query_map(params![a, b], map)?.collect::<Result<Vec<_>, _>>()?,
+            Some((a, b)) => stmt
+                .query_map(params![a, b], map)?
+                .collect::<Result<Vec<_>, _>>()?,
             None => stmt.query_map([], map)?.collect::<Result<Vec<_>, _>>()?,
         };
         Ok(rows.into_iter().flatten().collect())

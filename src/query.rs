@@ -131,7 +131,10 @@ impl LocalBox {
         let out = select(&ix, &f, false)?;
         if let Compiled::Path(p) = &f {
             if out.is_empty() {
-                return Err(QueryError::new(ErrorCode::NotFound, format!("{p}: no such file")));
+                return Err(QueryError::new(
+                    ErrorCode::NotFound,
+                    format!("{p}: no such file"),
+                ));
             }
         }
         Ok(out)
@@ -151,13 +154,24 @@ impl LocalBox {
             Compiled::Regex(re) => re.is_match(p.as_str()),
             Compiled::Path(x) => x == p,
         };
-        let summary = scan::scan(&self.dir, &mut ix, self.device, &under, HashWanted::Only(&want))?;
+        let summary = scan::scan(
+            &self.dir,
+            &mut ix,
+            self.device,
+            &under,
+            HashWanted::Only(&want),
+        )?;
         for e in &summary.errors {
             tracing::warn!("hashing: {e}");
         }
         if let Compiled::Path(p) = &f {
             match ix.get(p)?.map(|s| s.record).filter(|r| !r.deleted) {
-                None => return Err(QueryError::new(ErrorCode::NotFound, format!("{p}: no such file"))),
+                None => {
+                    return Err(QueryError::new(
+                        ErrorCode::NotFound,
+                        format!("{p}: no such file"),
+                    ))
+                }
                 Some(r) if r.kind != Kind::File => {
                     return Err(QueryError::new(
                         ErrorCode::NotAFile,
@@ -165,7 +179,10 @@ impl LocalBox {
                     ))
                 }
                 Some(r) if !r.is_hashed() => {
-                    return Err(QueryError::new(ErrorCode::Busy, format!("{p}: could not be hashed (changing?)")))
+                    return Err(QueryError::new(
+                        ErrorCode::Busy,
+                        format!("{p}: could not be hashed (changing?)"),
+                    ))
                 }
                 Some(r) => return Ok(vec![EntryInfo::from_record(&r, true)]),
             }

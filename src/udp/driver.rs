@@ -325,7 +325,7 @@ pub fn run_receiver(
     total: u64,
     stop: &AtomicBool,
     progress: &Arc<Progress>,
-) -> Result<Receiver, (Receiver, String)> {
+) -> (Receiver, Result<(), String>) {
     let fd = sock.as_raw_fd();
     let size = chunk + packet::OVERHEAD + super::sender::DATA_HEADER;
     let mut rbufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; size + 1]).collect();
@@ -343,14 +343,14 @@ pub fn run_receiver(
     loop {
         if stop.load(Ordering::Relaxed) {
             sink.checkpoint(&r.bitmap());
-            return Ok(r);
+            return (r, Ok(()));
         }
         let mut now = Instant::now();
         let mut any = false;
         for _ in 0..8 {
             if let Err(e) = recv_batch(fd, &mut rbufs, &mut got) {
                 sink.checkpoint(&r.bitmap());
-                return Err((r, format!("udp receive: {e}")));
+                return (r, Err(format!("udp receive: {e}")));
             }
             any |= !got.is_empty();
             for i in 0..got.len() {
@@ -359,7 +359,7 @@ pub fn run_receiver(
                 if let Some(d) = r.handle_datagram(now, buf) {
                     if let Err(e) = sink.write_at(d.offset, &buf[d.bytes.clone()]) {
                         sink.checkpoint(&r.bitmap());
-                        return Err((r, format!("writing: {e}")));
+                        return (r, Err(format!("writing: {e}")));
                     }
                     progress
                         .received
@@ -384,14 +384,14 @@ pub fn run_receiver(
         if !msgs.is_empty() {
             if let Err(e) = send_batch(fd, &msgs, None) {
                 sink.checkpoint(&r.bitmap());
-                return Err((r, format!("udp send: {e}")));
+                return (r, Err(format!("udp send: {e}")));
             }
         }
         r.handle_timeout(now);
         if let Some(e) = r.failed() {
             let e = e.to_string();
             sink.checkpoint(&r.bitmap());
-            return Err((r, e));
+            return (r, Err(e));
         }
         if now.duration_since(last_checkpoint) > Duration::from_secs(1) {
             sink.checkpoint(&r.bitmap());
@@ -406,7 +406,7 @@ pub fn run_receiver(
                 wait = wait.min(Duration::from_millis(5));
             }
             if let Err(e) = wait_readable_s(fd, wait) {
-                return Err((r, e));
+                return (r, Err(e));
             }
         }
     }

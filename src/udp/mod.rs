@@ -638,8 +638,8 @@ async fn receive<S: driver::Sink + Send + 'static>(
             },
             r = thread => {
                 return Err(match r {
-                    Ok((Err((_, e)), _)) => fatal(anyhow!("UDP transfer from {} failed: {e}; the partial data stays in .mybox/tmp and the next attempt resumes", conn.peer().id.short_str())),
-                    Ok((Ok(_), _)) => fatal(anyhow!("receiver stopped early")),
+                    Ok(((_, Err(e)), _)) => fatal(anyhow!("UDP transfer from {} failed: {e}; the partial data stays in .mybox/tmp and the next attempt resumes", conn.peer().id.short_str())),
+                    Ok(((_, Ok(())), _)) => fatal(anyhow!("receiver stopped early")),
                     Err(e) => fatal(anyhow!("receiver failed: {e}")),
                 });
             }
@@ -653,7 +653,7 @@ async fn receive<S: driver::Sink + Send + 'static>(
     stop.store(true, Ordering::Relaxed);
     let sink = match task {
         Some(t) => match t.await {
-            Ok((Ok(r), sink)) => {
+            Ok(((r, Ok(())), sink)) => {
                 tracing::info!("udp: receiver counters: {}", r.counters);
                 if !r.is_complete() {
                     return Err(fatal(anyhow!(
@@ -664,7 +664,7 @@ async fn receive<S: driver::Sink + Send + 'static>(
                 }
                 sink
             }
-            Ok((Err((_, e)), _)) => return Err(fatal(anyhow!("udp receiver: {e}"))),
+            Ok(((_, Err(e)), _)) => return Err(fatal(anyhow!("udp receiver: {e}"))),
             Err(e) => return Err(fatal(anyhow!("receiver failed: {e}"))),
         },
         None => empty_sink

@@ -183,8 +183,7 @@ impl Pair {
 pub fn counter(log: &str, marker: &str, key: &str) -> u64 {
     let line = log
         .lines()
-        .filter(|l| l.contains(marker))
-        .last()
+        .rfind(|l| l.contains(marker))
         .unwrap_or_else(|| panic!("no {marker:?} line in:\n{log}"));
     let pat = format!("{key}=");
     let at = line
