@@ -86,7 +86,10 @@ if [[ $have_ssh -eq 1 ]]; then
   ssh-keygen -q -t ed25519 -N '' -f "$SSH_KEY"
   cp "$SSH_KEY.pub" "$SSH_DIR/authorized_keys"; chmod 600 "$SSH_DIR/authorized_keys"
 fi
-SSH_OPTS="-p $SSH_PORT -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -i $SSH_KEY"
+# ssh takes the port as -p, scp as -P (its -p preserves times).
+SSH_COMMON="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -i $SSH_KEY"
+SSH_OPTS="-p $SSH_PORT $SSH_COMMON"
+SCP_OPTS="-P $SSH_PORT $SSH_COMMON"
 # sshd_start NAME LISTEN_ADDR [NETNS]
 sshd_start() {
   local name="$1" addr="$2" ns="${3:-}"
@@ -156,7 +159,7 @@ run_tools() {
       mybox-tcp) run_one "$profile" "$tool" "$ns" "$MYBOX" --box "$A" download tcp big.bin -o "$DEST/big.bin" ;;
       mybox-udp) run_one "$profile" "$tool" "$ns" "$MYBOX" --box "$A" download udp big.bin -o "$DEST/big.bin" ;;
       rsync) run_one "$profile" "$tool" "$ns" rsync -e "ssh $SSH_OPTS" "root@$host:$SRC" "$DEST/big.bin" ;;
-      scp) run_one "$profile" "$tool" "$ns" scp -q $SSH_OPTS "root@$host:$SRC" "$DEST/big.bin" ;;
+      scp) run_one "$profile" "$tool" "$ns" scp -q $SCP_OPTS "root@$host:$SRC" "$DEST/big.bin" ;;
     esac
   done
 }

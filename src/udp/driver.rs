@@ -218,6 +218,8 @@ pub struct SenderReport {
     pub retransmits: u64,
     pub final_rate: f64,
     pub bg_loss: f64,
+    /// Rate decreases (congestion signals acted on).
+    pub decreases: u64,
     pub elapsed: Duration,
 }
 
@@ -243,6 +245,7 @@ pub fn run_sender(
         retransmits: s.retransmits,
         final_rate: s.rate.rate(),
         bg_loss: s.rate.bg_loss,
+        decreases: s.rate.decreases,
         elapsed: started.elapsed(),
     };
     loop {

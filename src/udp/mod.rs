@@ -415,12 +415,13 @@ async fn serve_start(
     }
     let secs = report.elapsed.as_secs_f64().max(1e-6);
     let stats = format!(
-        "{} packets ({} retransmitted) in {:.2}s, {:.1} MB/s, final rate {:.0} Mbit/s, background loss {:.2}%, dropped: {}",
+        "{} packets ({} retransmitted) in {:.2}s, {:.1} MB/s, final rate {:.0} Mbit/s, {} rate decreases, background loss {:.2}%, dropped: {}",
         report.sent_packets,
         report.retransmits,
         secs,
         total as f64 / secs / 1e6,
         report.final_rate * 8.0 / 1e6,
+        report.decreases,
         report.bg_loss * 100.0,
         report.counters
     );

@@ -8,9 +8,10 @@
 //!   link's own (random) loss; only loss well above it (a tail-dropping queue, a policer, an
 //!   overflowing socket buffer) counts as congestion.
 //!
-//! With neither signal the rate grows (×1.5 per interval until the first congestion, then
-//! ×1.06); on a signal it drops to a bit under the measured delivery rate, then holds for one
-//! interval so the queue it built can drain before it is judged again.
+//! With neither signal the rate grows (×1.5 per interval until the first congestion; then
+//! ×1.25 while below the best delivery rate of the last ~2 s, ×1.06 above it); on a signal it
+//! drops to 0.9 × that best delivery rate (at most halving), then holds for one interval so the
+//! queue it built can drain before it is judged again.
 
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,12 @@ pub struct RateCtl {
     cfg: RateConfig,
     rate: f64,
     slow_start: bool,
+    /// Delivery rates of recent intervals (time, bytes/s): their maximum estimates what the
+    /// path can carry (it cannot deliver faster than its bottleneck), as in BBR.
+    deliveries: std::collections::VecDeque<(Instant, f64)>,
     pub srtt: Option<Duration>,
+    /// The newest RTT sample.
+    pub latest_rtt: Option<Duration>,
     min_rtt: Option<Duration>,
     min_rtt_at: Option<Instant>,
     /// Background (random) loss, learnt while the queue was empty.
@@ -74,7 +80,9 @@ impl RateCtl {
             cfg,
             rate,
             slow_start: true,
+            deliveries: std::collections::VecDeque::new(),
             srtt: None,
+            latest_rtt: None,
             min_rtt: None,
             min_rtt_at: None,
             bg_loss: 0.0,
@@ -107,6 +115,7 @@ impl RateCtl {
 
     pub fn on_ack(&mut self, now: Instant, s: AckSample) {
         if let Some(rtt) = s.rtt {
+            self.latest_rtt = Some(rtt);
             self.srtt = Some(match self.srtt {
                 None => rtt,
                 Some(old) => (old * 7 + rtt) / 8,
@@ -144,6 +153,19 @@ impl RateCtl {
         };
         self.last_loss = loss;
         self.last_queue = queue;
+        if sent >= 20 {
+            self.deliveries.push_back((now, delivery));
+        }
+        // Two seconds of history (and at least a few intervals on long paths).
+        while self.deliveries.len() > 8
+            && self
+                .deliveries
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(2))
+        {
+            self.deliveries.pop_front();
+        }
+        let max_delivery = self.deliveries.iter().map(|d| d.1).fold(0.0, f64::max);
         let min_rtt = self.min_rtt.unwrap_or(Duration::from_millis(1));
         // A queue of a quarter of the base RTT (at least 3 ms, so scheduler noise on a busy
         // host is not read as a queue) means the bottleneck is full.
@@ -158,8 +180,10 @@ impl RateCtl {
         if self.hold {
             self.hold = false;
         } else if queued || lossy {
-            let target = if delivery > 0.0 {
-                (delivery * 0.9).min(self.rate * 0.9)
+            // Just under what the path recently carried, so the queue drains; but not a
+            // collapse to one bad interval's delivery (a loss burst depresses it).
+            let target = if max_delivery > 0.0 {
+                (max_delivery * 0.9).min(self.rate * 0.9)
             } else {
                 self.rate * 0.7
             };
@@ -168,7 +192,14 @@ impl RateCtl {
             self.hold = true;
             self.decreases += 1;
         } else {
-            let factor = if self.slow_start { 1.5 } else { 1.06 };
+            // Fast back up to the rate the path is known to carry, slow probing beyond it.
+            let factor = if self.slow_start {
+                1.5
+            } else if self.rate < max_delivery * 0.95 {
+                1.25
+            } else {
+                1.06
+            };
             let mut next = self.rate * factor;
             // Never run far ahead of what actually arrives (receiver- or app-limited).
             if delivery > 0.0 && sent >= 20 {

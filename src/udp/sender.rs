@@ -72,6 +72,8 @@ pub struct Sender {
     pn: u64,
     state: Vec<u32>,
     queued: Vec<u64>,
+    /// Chunks sent more than once (their gap reports need a longer grace period).
+    resent: Vec<u64>,
     retx: VecDeque<u32>,
     next_new: u32,
     /// Every chunk below this is acknowledged.
@@ -102,6 +104,7 @@ impl Sender {
             pn: 0,
             state: vec![0; n as usize],
             queued: vec![0; (n as usize).div_ceil(64)],
+            resent: vec![0; (n as usize).div_ceil(64)],
             retx: VecDeque::new(),
             next_new: 0,
             cum: 0,
@@ -253,8 +256,15 @@ impl Sender {
         // Inside [from, to): everything not listed as missing has arrived.
         let to = a.to.min(n);
         let mut pos = a.from.min(to);
+        // Grace periods, in 10 µs units. The first report of a chunk sent once arrives about
+        // one RTT after that send, so half an RTT guards only against reordering. A chunk
+        // already re-sent may be reported again (by the receiver's next sweep) while the new
+        // copy is still in flight: that report arrives within one current RTT of the re-send.
         let srtt = self.rate.srtt_or(Duration::from_millis(50));
-        let threshold_us = ((srtt.as_micros() as u64 * 9 / 10).max(500) / 10) as u32;
+        let current = srtt.max(self.rate.latest_rtt.unwrap_or(srtt));
+        let units = |d: Duration| (d.as_micros() / 10).min(u32::MAX as u128) as u32;
+        let first_grace = units((srtt / 2).max(Duration::from_micros(500)));
+        let again_grace = units(current * 11 / 10 + Duration::from_millis(1));
         let now_stamp = self.stamp(now);
         for &(start, len) in &a.missing {
             let start = start.clamp(pos, to);
@@ -269,7 +279,9 @@ impl Sender {
                 }
                 // A gap reported within about one RTT of the last send may describe the
                 // copy still in flight; it will be reported again if it is really lost.
-                if now_stamp.saturating_sub(st) < threshold_us {
+                let resent = self.resent[i as usize / 64] & (1u64 << (i % 64)) != 0;
+                let grace = if resent { again_grace } else { first_grace };
+                if now_stamp.saturating_sub(st) < grace {
                     continue;
                 }
                 self.queue_retx(i);
@@ -414,6 +426,7 @@ impl Sender {
         let st = &mut self.state[chunk as usize];
         if *st != 0 && *st != ACKED {
             self.retransmits += 1;
+            self.resent[chunk as usize / 64] |= 1u64 << (chunk % 64);
         }
         if *st != ACKED {
             *st = stamp;
