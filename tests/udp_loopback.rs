@@ -199,3 +199,39 @@ fn vanished_peer_gives_clear_error_and_download_resumes() {
     assert_same_file(&src, &out);
     assert!(tmp_files(&p.a).iter().all(|f| !f.starts_with("udp-")));
 }
+
+/// The API the sync engine calls: a byte range into memory and a whole file into a path, over
+/// an in-process connection to the box's own handler (`--local`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_range_and_fetch_file_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("box");
+    init(&root);
+    let data = write_random(&root.join("blocks.bin"), 3 * MIB + 12_345, 6);
+    let b = mybox::config::BoxDir::open(&root).unwrap();
+    let s = mybox::client::Session::local(&b).await.unwrap();
+    let path = mybox::paths::RelPath::parse("blocks.bin").unwrap();
+    let opts = mybox::udp::Options::for_peer(1200, s.conn.peer().addr);
+    for (off, len) in [(0u64, 1u64), (1_000_000, 131_072), (3 * MIB as u64, 12_345)] {
+        let got = mybox::udp::fetch_range(&s.conn, &path, off, len, &opts)
+            .await
+            .unwrap();
+        assert_eq!(got, &data[off as usize..(off + len) as usize]);
+    }
+    // A range past the end is clamped to the file; one starting past it is refused.
+    let tail = mybox::udp::fetch_range(&s.conn, &path, data.len() as u64 - 10, 100, &opts)
+        .await
+        .unwrap();
+    assert_eq!(tail, &data[data.len() - 10..]);
+    assert!(
+        mybox::udp::fetch_range(&s.conn, &path, data.len() as u64 + 1, 1, &opts)
+            .await
+            .is_err()
+    );
+    let dest = dir.path().join("copy.bin");
+    let d = mybox::udp::fetch_file(&s.conn, &b, &path, &dest, &opts, None)
+        .await
+        .unwrap();
+    assert_eq!(d.entry.size, data.len() as u64);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}

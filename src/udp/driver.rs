@@ -304,6 +304,16 @@ fn wait_readable_s(fd: i32, t: Duration) -> Result<(), String> {
 /// Where received bytes go.
 pub trait Sink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Write `parts` back to back from `offset` (consecutive chunks of one receive batch, so
+    /// a file sink can use one `pwritev` instead of one `pwrite` per datagram).
+    fn write_parts_at(&mut self, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        let mut off = offset;
+        for p in parts {
+            self.write_at(off, p)?;
+            off += p.len() as u64;
+        }
+        Ok(())
+    }
     /// Called about once a second and at the end with the receiver's bitmap (for resume).
     fn checkpoint(&mut self, _bitmap: &[u8]) {}
 }
@@ -333,6 +343,7 @@ pub fn run_receiver(
     let size = chunk + packet::OVERHEAD + super::sender::DATA_HEADER;
     let mut rbufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; size + 1]).collect();
     let mut got = Vec::with_capacity(BATCH);
+    let mut deliveries: Vec<(u64, usize, std::ops::Range<usize>)> = Vec::with_capacity(BATCH);
     let mut out = Vec::with_capacity(2048);
     let mut last_checkpoint = Instant::now();
     let publish = |r: &Receiver| {
@@ -356,18 +367,34 @@ pub fn run_receiver(
                 return (r, Err(format!("udp receive: {e}")));
             }
             any |= !got.is_empty();
-            for i in 0..got.len() {
-                let (len, _) = got[i];
-                let buf = &mut rbufs[i][..len];
-                if let Some(d) = r.handle_datagram(now, buf) {
-                    if let Err(e) = sink.write_at(d.offset, &buf[d.bytes.clone()]) {
-                        sink.checkpoint(&r.bitmap());
-                        return (r, Err(format!("writing: {e}")));
-                    }
-                    progress
-                        .received
-                        .fetch_add(d.bytes.len() as u64, Ordering::Relaxed);
+            deliveries.clear();
+            for (i, (len, _)) in got.iter().enumerate() {
+                if let Some(d) = r.handle_datagram(now, &mut rbufs[i][..*len]) {
+                    deliveries.push((d.offset, i, d.bytes));
                 }
+            }
+            // Runs of consecutive chunks go to the sink in one call.
+            let mut k = 0;
+            while k < deliveries.len() {
+                let start = deliveries[k].0;
+                let mut end = k;
+                let mut next_off = start + deliveries[k].2.len() as u64;
+                while end + 1 < deliveries.len() && deliveries[end + 1].0 == next_off {
+                    end += 1;
+                    next_off += deliveries[end].2.len() as u64;
+                }
+                let parts: Vec<&[u8]> = deliveries[k..=end]
+                    .iter()
+                    .map(|(_, i, range)| &rbufs[*i][range.clone()])
+                    .collect();
+                if let Err(e) = sink.write_parts_at(start, &parts) {
+                    sink.checkpoint(&r.bitmap());
+                    return (r, Err(format!("writing: {e}")));
+                }
+                progress
+                    .received
+                    .fetch_add(next_off - start, Ordering::Relaxed);
+                k = end + 1;
             }
             if got.len() < rbufs.len() {
                 break;

@@ -505,6 +505,44 @@ impl driver::Sink for FileSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all_at(data, offset)
     }
+    fn write_parts_at(&mut self, offset: u64, parts: &[&[u8]]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if parts.len() < 2 {
+            return parts.first().map_or(Ok(()), |p| self.write_at(offset, p));
+        }
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        let n = unsafe {
+            libc::pwritev(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // A short write (or more parts than one call takes): finish part by part.
+        let mut done = n as u64;
+        let mut off = offset;
+        for p in parts {
+            let len = p.len() as u64;
+            if done >= len {
+                done -= len;
+            } else {
+                self.file.write_all_at(&p[done as usize..], off + done)?;
+                done = 0;
+            }
+            off += len;
+        }
+        Ok(())
+    }
     fn checkpoint(&mut self, bitmap: &[u8]) {
         // The bitmap may only claim data already handed to the kernel (it is: writes happen
         // before their chunk is counted); a crash that loses page cache is caught by the
@@ -731,6 +769,20 @@ fn hash_behind(
         let n = (ready - pos).min(hashing::CHUNK as u64) as usize;
         let mut buf = vec![0u8; n];
         file.read_exact_at(&mut buf, pos)?;
+        // Start writing the finished prefix to disk now, so the final fsync only waits for
+        // the tail instead of the whole file (advisory; errors show at that fsync).
+        if (pos + n as u64) % (16 << 20) < n as u64 {
+            use std::os::fd::AsRawFd;
+            let from = (pos + n as u64).saturating_sub(16 << 20);
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    from as libc::off64_t,
+                    (16 << 20) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+        }
         pos += n as u64;
         pipe.feed(Arc::new(buf))?;
     }
