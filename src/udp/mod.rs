@@ -928,6 +928,7 @@ async fn fetch_file_once(
         port,
         have,
     };
+    let t_start = Instant::now();
     let (_sink, (md5, sha256, size)) = receive(
         conn,
         &mut stream,
@@ -938,6 +939,7 @@ async fn fetch_file_once(
         shared.clone(),
     )
     .await?;
+    let t_data = t_start.elapsed();
     shared.contiguous.store(total, Ordering::Release);
     let got = hasher
         .await
@@ -960,10 +962,17 @@ async fn fetch_file_once(
     let dest2 = dest.to_path_buf();
     let part = partial.part.clone();
     let entry2 = entry.clone();
+    let t_hash = t_start.elapsed();
     tokio::task::spawn_blocking(move || install(&part, &dest2, &entry2))
         .await
         .map_err(|e| fatal(anyhow!("{e}")))?
         .map_err(fatal)?;
+    tracing::info!(
+        "udp: {total} bytes: data and sender's hashes after {:.2}s, own hashes after {:.2}s, fsynced and in place after {:.2}s",
+        t_data.as_secs_f64(),
+        t_hash.as_secs_f64(),
+        t_start.elapsed().as_secs_f64()
+    );
     let _ = std::fs::remove_file(&partial.state);
     entry.md5 = Some(got.md5);
     entry.sha256 = Some(got.sha256);
