@@ -256,12 +256,20 @@ async fn serve_download(
     Ok(outcome)
 }
 
-fn read_for_download(
-    ctx: &ServerCtx,
-    path: &RelPath,
-    offset: u64,
-    tx: &mpsc::Sender<Chunk>,
-) -> Result<(), QueryError> {
+/// A store file opened for sending (TCP or UDP) under a shared lock.
+pub struct Opened {
+    pub file: Arc<std::fs::File>,
+    pub key: StatKey,
+    pub entry: EntryInfo,
+    /// MD5 and SHA-256 from the index, when taken at exactly this stat key.
+    pub cached: Option<([u8; 16], [u8; 32])>,
+    pub _guard: crate::locks::Guard,
+}
+
+/// Open `path` for a transfer: never a symlink (anywhere in the path, checked by the kernel at
+/// open), only a regular file, under a shared per-file lock so no in-process writer changes it
+/// meanwhile; with the index's hashes when they describe exactly this file.
+pub fn open_for_send(ctx: &ServerCtx, path: &RelPath) -> Result<Opened, QueryError> {
     let root = &ctx.local.dir.root;
     let full = resolve_no_follow(root, path)
         .map_err(|e| QueryError::new(ErrorCode::BadPath, e.to_string()))?;
@@ -279,26 +287,32 @@ fn read_for_download(
             format!("{path}: not a regular file"),
         ));
     }
-    let _guard = ctx
+    let guard = ctx
         .locks
         .lock(path, Mode::Shared, LOCK_WAIT)
         .ok_or_else(|| {
             QueryError::new(ErrorCode::Busy, format!("{path}: being written; try again"))
         })?;
-    let mut f = crate::paths::open_beneath(root, path)
+    let f = crate::paths::open_beneath(root, path)
         .map_err(|e| QueryError::new(ErrorCode::Io, format!("{path}: {e}")))?;
     let md = f
         .metadata()
         .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
+    if !md.is_file() {
+        return Err(QueryError::new(
+            ErrorCode::NotAFile,
+            format!("{path}: not a regular file"),
+        ));
+    }
     let key = StatKey::of(&md);
-    // Hashes from the index are good if the file is exactly as it was when they were taken.
     let cached = ctx
         .local
         .index
         .lock()
         .ok()
         .and_then(|ix| ix.get(path).ok().flatten())
-        .filter(|s| s.stat == Some(key) && s.record.is_hashed() && !s.record.deleted);
+        .filter(|s| s.stat == Some(key) && s.record.is_hashed() && !s.record.deleted)
+        .and_then(|s| Some((s.record.md5?, s.record.sha256?)));
     use std::os::unix::fs::PermissionsExt;
     let entry = EntryInfo {
         path: path.clone(),
@@ -308,14 +322,35 @@ fn read_for_download(
         mode: md.permissions().mode() & 0o7777,
         mime: crate::model::mime_for(path, Kind::File),
         target: None,
-        md5: cached.as_ref().and_then(|c| c.record.md5),
-        sha256: cached.as_ref().and_then(|c| c.record.sha256),
+        md5: cached.map(|c| c.0),
+        sha256: cached.map(|c| c.1),
     };
+    Ok(Opened {
+        file: Arc::new(f),
+        key,
+        entry,
+        cached,
+        _guard: guard,
+    })
+}
+
+fn read_for_download(
+    ctx: &ServerCtx,
+    path: &RelPath,
+    offset: u64,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<(), QueryError> {
+    let opened = open_for_send(ctx, path)?;
+    let mut f = std::fs::File::try_clone(&opened.file)
+        .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
+    let key = opened.key;
+    let cached = opened.cached;
+    let entry = opened.entry.clone();
     let closed = || QueryError::new(ErrorCode::Internal, "client went away");
     tx.blocking_send(Chunk::Header(entry))
         .map_err(|_| closed())?;
     let pipeline = if cached.is_none() {
-        Some(hashing::Pipeline::new())
+        Some(hashing::Pipeline::with_blocks(false))
     } else {
         None
     };
@@ -368,8 +403,8 @@ fn read_for_download(
             .finish()
             .map_err(|e| QueryError::new(ErrorCode::Internal, e.to_string()))?,
         (None, Some(c)) => FileHashes {
-            md5: c.record.md5.unwrap_or_default(),
-            sha256: c.record.sha256.unwrap_or_default(),
+            md5: c.0,
+            sha256: c.1,
             blocks: Vec::new(),
             size: key.size,
         },

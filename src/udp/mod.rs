@@ -35,12 +35,11 @@ use crate::client::{Downloaded, Progress, Session};
 use crate::config::BoxDir;
 use crate::hashing::{self, FileHashes, StatKey};
 use crate::history::Direction;
-use crate::locks::Mode;
 use crate::model::{EntryInfo, Kind};
 use crate::net::rpc::{Conn, Responder, RpcError};
-use crate::paths::{resolve_no_follow, RelPath};
+use crate::paths::RelPath;
 use crate::protocol::{ErrorCode, Request, Response};
-use crate::server::{ServerCtx, LOCK_WAIT};
+use crate::server::ServerCtx;
 use proto::{Resume, StartRequest, UdpRequest, UdpResponse};
 
 /// Datagram size used when the peer is reached over loopback: no link MTU applies there, and
@@ -148,66 +147,7 @@ pub async fn serve(
     }
 }
 
-struct Opened {
-    file: Arc<std::fs::File>,
-    key: StatKey,
-    entry: EntryInfo,
-    cached: Option<([u8; 16], [u8; 32])>,
-    _guard: crate::locks::Guard,
-}
-
-fn open_for_send(ctx: &ServerCtx, path: &RelPath) -> Result<Opened, (ErrorCode, String)> {
-    let root = &ctx.local.dir.root;
-    let full = resolve_no_follow(root, path).map_err(|e| (ErrorCode::BadPath, e.to_string()))?;
-    let md = std::fs::symlink_metadata(&full)
-        .map_err(|e| (ErrorCode::NotFound, format!("{path}: {e}")))?;
-    if md.file_type().is_symlink() {
-        return Err((
-            ErrorCode::NotAFile,
-            format!("{path}: is a symlink; mybox never follows links"),
-        ));
-    }
-    if !md.is_file() {
-        return Err((ErrorCode::NotAFile, format!("{path}: not a regular file")));
-    }
-    let guard = ctx
-        .locks
-        .lock(path, Mode::Shared, LOCK_WAIT)
-        .ok_or_else(|| (ErrorCode::Busy, format!("{path}: being written; try again")))?;
-    let f = hashing::open_nofollow(&full).map_err(|e| (ErrorCode::Io, format!("{path}: {e}")))?;
-    let md = f.metadata().map_err(|e| (ErrorCode::Io, e.to_string()))?;
-    if !md.is_file() {
-        return Err((ErrorCode::NotAFile, format!("{path}: not a regular file")));
-    }
-    let key = StatKey::of(&md);
-    let cached = ctx
-        .local
-        .index
-        .lock()
-        .ok()
-        .and_then(|ix| ix.get(path).ok().flatten())
-        .filter(|s| s.stat == Some(key) && s.record.is_hashed() && !s.record.deleted)
-        .and_then(|s| Some((s.record.md5?, s.record.sha256?)));
-    use std::os::unix::fs::PermissionsExt;
-    let entry = EntryInfo {
-        path: path.clone(),
-        kind: Kind::File,
-        size: key.size,
-        mtime_ns: key.mtime_ns,
-        mode: md.permissions().mode() & 0o7777,
-        mime: crate::model::mime_for(path, Kind::File),
-        target: None,
-        md5: cached.map(|c| c.0),
-        sha256: cached.map(|c| c.1),
-    };
-    Ok(Opened {
-        file: Arc::new(f),
-        key,
-        entry,
-        cached,
-        _guard: guard,
-    })
-}
+use crate::server::open_for_send;
 
 /// Reads `[pos, end)` of a file by offset (so it can share the descriptor with the sender).
 struct RangeReader {
@@ -268,7 +208,7 @@ async fn serve_start(
     let path = req.path.clone();
     let opened = match tokio::task::spawn_blocking(move || open_for_send(&ctx2, &path)).await {
         Ok(Ok(o)) => o,
-        Ok(Err((code, msg))) => return fail(out, code, msg).await,
+        Ok(Err(e)) => return fail(out, e.code, e.message).await,
         Err(e) => return fail(out, ErrorCode::Internal, format!("worker failed: {e}")).await,
     };
     let size = opened.key.size;

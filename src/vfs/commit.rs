@@ -421,7 +421,7 @@ pub fn prepare_file(
             (None, None, blocks, stat)
         }
         None => {
-            let (h, key) = hash_file_stable(&full)?;
+            let (h, key) = hash_file_stable(&b.root, path)?;
             (Some(h.md5), Some(h.sha256), h.blocks, key)
         }
     };
