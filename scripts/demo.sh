@@ -7,7 +7,11 @@ cargo build --release --quiet
 MYBOX="$PWD/target/release/mybox"
 DEMO=$(mktemp -d /tmp/mybox-demo.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DEMO"; }
+cleanup() {
+  for p in "${pids[@]}" $(cat "$DEMO/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$DEMO"
+}
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
@@ -19,17 +23,17 @@ echo "alice: $A_ID"
 echo "bob:   $B_ID"
 echo "hello from alice" > "$DEMO/alice/hello.txt"
 mkdir -p "$DEMO/alice/photos" "$DEMO/alice/notes"
-head -c 20000000 /dev/urandom > "$DEMO/alice/photos/big.raw"
+head -c 20000000 /dev/urandom > "$DEMO/alice/photos/big.bin"
 printf '# plans\n- ship mybox\n' > "$DEMO/alice/notes/plans.md"
 ln -s hello.txt "$DEMO/alice/hello-link"
 touch -d '2001-09-09 01:46:40' "$DEMO/alice/notes/plans.md"
 echo "bob's file" > "$DEMO/bob/bob.txt"
 
 step "both boxes serve (mutual TLS, pinned device IDs)"
-start_serve() { # box -> prints address
+start_serve() { # box -> prints address (runs in a subshell: the pid goes to a file)
   local log="$DEMO/$(basename "$1").serve.log"
   "$MYBOX" --box "$1" serve --listen 127.0.0.1:0 > "$log.out" 2> "$log" &
-  pids+=($!)
+  echo $! >> "$DEMO/pids"
   for _ in $(seq 100); do grep -q serving "$log.out" 2>/dev/null && break; sleep 0.05; done
   awk '{print $NF}' "$log.out"
 }
@@ -46,9 +50,9 @@ run "$MYBOX" index regex '\.(txt|md)$'
 run "$MYBOX" hash verify hello.txt
 run "$MYBOX" hash checkall
 cd "$DEMO"
-run "$MYBOX" download tcp photos/big.raw -o big-tcp.raw
-run "$MYBOX" download udp photos/big.raw -o big-udp.raw || echo "(udp path not available in this build)"
-run cmp big-tcp.raw alice/photos/big.raw && echo "tcp copy is byte-identical"
+run "$MYBOX" download tcp photos/big.bin -o big-tcp.raw
+run "$MYBOX" download udp photos/big.bin -o big-udp.raw || echo "(udp path not available in this build)"
+run cmp big-tcp.raw alice/photos/big.bin && echo "tcp copy is byte-identical"
 
 step "--json for scripts"
 run "$MYBOX" index regex 'hello' --json

@@ -35,8 +35,21 @@ log "tree: $FILES files, $MB MB"
 # Warm the page cache for the hashing comparison (both sides then read from memory).
 cat $(find "$A/tree" -type f) > /dev/null
 hf md5sum "cd '$A/tree' && find . -type f -print0 | xargs -0 md5sum > /dev/null"
-hf checkall-first --prepare "rm -f '$A/.mybox/index.db'*; '$MYBOX' --box '$A' --local index longlist > /dev/null" \
-  "'$MYBOX' --box '$B' hash checkall > /dev/null"
+# "First" means an empty hash cache on the serving box: restart its server on a fresh index
+# (a running server would keep its open, cached index), then re-pair B with the new port.
+cat > "$W/fresh-a.sh" <<SH
+#!/usr/bin/env bash
+set -e
+[[ -f '$A.serve.pid' ]] && kill \$(cat '$A.serve.pid') 2>/dev/null || true
+sleep 0.1
+rm -f '$A/.mybox/index.db'*
+'$MYBOX' --box '$A' serve --listen 127.0.0.1:0 > '$A.serve.out' 2> '$A.serve.log' &
+echo \$! > '$A.serve.pid'
+for _ in \$(seq 200); do grep -q serving '$A.serve.out' 2>/dev/null && break; sleep 0.02; done
+'$MYBOX' --box '$B' peer add '$(cat "$W/a.id")' \$(awk '{print \$NF}' '$A.serve.out') 2>/dev/null
+SH
+chmod +x "$W/fresh-a.sh"
+hf checkall-first --prepare "'$W/fresh-a.sh'" "'$MYBOX' --box '$B' hash checkall > /dev/null"
 "$MYBOX" --box "$B" hash checkall > /dev/null
 hf checkall-repeat --warmup 2 "'$MYBOX' --box '$B' hash checkall > /dev/null"
 "$MYBOX" --box "$B" hash checkall --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)), "files hashed by mybox")' >&2
