@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod hashing;
 pub mod history;
 pub mod identity;

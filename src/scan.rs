@@ -339,6 +339,10 @@ pub fn scan(
             if !(fill_only && content_same) {
                 rec.sequence = ix.next_sequence()?;
                 summary.changed.push(entry.path.clone());
+            } else if matches!(t, Todo::FillHash(_)) && hashed.is_some() {
+                // Hashes that arrive after the record was announced are news to peers (they cannot
+                // pull a file without its blocks): a new sequence number, same version.
+                rec.sequence = ix.next_sequence()?;
             }
             ix.put(&rec, stat)?;
         }

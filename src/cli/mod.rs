@@ -76,6 +76,17 @@ pub enum Command {
     },
     /// Interactive prompt (reads commands line by line when stdin is not a terminal).
     Shell,
+    /// Serve this box and keep it in sync with its peers, in the foreground.
+    Daemon {
+        /// Address to listen on (default: the config's `listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Seconds between full rescans (a safety net under inotify).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        rescan_interval: u64,
+    },
+    /// What the running daemon is doing: peers, what is left to sync, conflicts, last error.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,7 +133,11 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
+    if matches!(cli.command, Command::Daemon { .. }) {
+        crate::daemon::init_logging(cli.box_dir.as_ref(), cli.verbose);
+    } else {
+        init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,6 +226,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let b = find_box(cli.box_dir.as_ref())?;
             shell::run(b, opts).await
         }
+        Command::Daemon {
+            listen,
+            rescan_interval,
+        } => crate::daemon::run(&find_box(cli.box_dir.as_ref())?, listen, rescan_interval).await,
+        Command::Status => crate::daemon::status(&find_box(cli.box_dir.as_ref())?, cli.json),
         cmd @ (Command::Index(_) | Command::Hash(_) | Command::Download { .. }) => {
             let b = find_box(cli.box_dir.as_ref())?;
             let session = open_session(&b, &opts).await?;
