@@ -12,7 +12,7 @@ use anyhow::Context;
 use crate::config::BoxDir;
 use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
 use crate::index::Index;
-use crate::model::{Kind, Record, VersionVector};
+use crate::model::{Kind, Record};
 use crate::paths::{RelPath, META_DIR};
 
 /// Suffix of partial files a download writes next to its target; never listed or synced.
@@ -375,9 +375,7 @@ pub fn scan(
 }
 
 fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
-    let mut version = old
-        .map(|o| o.version.clone())
-        .unwrap_or_else(VersionVector::new);
+    let mut version = old.map(|o| o.version.clone()).unwrap_or_default();
     version.bump(device);
     Record {
         path: e.path.clone(),
@@ -396,11 +394,11 @@ fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
     }
 }
 
+/// The hash of one file (or why it could not be hashed), as [`hash_many`] returns it.
+pub type HashResult = (RelPath, Result<(FileHashes, StatKey), String>);
+
 /// Hash files on every core; results in input order.
-pub fn hash_many(
-    root: &Path,
-    entries: &[&DiskEntry],
-) -> Vec<(RelPath, Result<(FileHashes, StatKey), String>)> {
+pub fn hash_many(root: &Path, entries: &[&DiskEntry]) -> Vec<HashResult> {
     if entries.is_empty() {
         return Vec::new();
     }
@@ -409,7 +407,7 @@ pub fn hash_many(
         .unwrap_or(2)
         .min(entries.len());
     let next = Mutex::new(0usize);
-    let out: Mutex<Vec<Option<(RelPath, Result<(FileHashes, StatKey), String>)>>> =
+    let out: Mutex<Vec<Option<HashResult>>> =
         Mutex::new((0..entries.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..workers {

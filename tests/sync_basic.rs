@@ -22,14 +22,20 @@ fn files_dirs_symlinks_both_ways() {
     set_mtime(&a.path("empty"), 1_000_000_000);
     let t = wait_converged(&[&a, &b], CONVERGE);
     assert!(matches!(t.get("link"), Some(Entry::Link { target, .. }) if target == "hello.txt"));
-    assert!(matches!(t.get("hello.txt"), Some(Entry::File { mode: 0o600, .. })));
+    assert!(matches!(
+        t.get("hello.txt"),
+        Some(Entry::File { mode: 0o600, .. })
+    ));
     assert!(matches!(t.get("emptydir"), Some(Entry::Dir { .. })));
 
     // And back the other way.
     b.write("from-b.txt", b"made on b");
     b.write("hello.txt", b"changed on b\n");
-    std::fs::set_permissions(b.path("deep/er/still/f.bin"), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        b.path("deep/er/still/f.bin"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     wait_converged(&[&a, &b], CONVERGE);
     assert_eq!(a.read("hello.txt").unwrap(), b"changed on b\n");
     assert_eq!(a.read("from-b.txt").unwrap(), b"made on b");
@@ -62,7 +68,9 @@ fn deletions_propagate_and_stay_deleted() {
 #[test]
 fn rename_reuses_local_blocks() {
     let (a, b) = two_boxes();
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     a.write("big.bin", &data);
     wait_converged(&[&a, &b], CONVERGE);
     let before = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
@@ -76,7 +84,9 @@ fn rename_reuses_local_blocks() {
 #[test]
 fn one_byte_change_moves_one_block() {
     let (a, b) = two_boxes();
-    let mut data: Vec<u8> = (0..8_000_000u32).map(|i| (i.wrapping_mul(2246822519) >> 11) as u8).collect();
+    let mut data: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
     a.write("f.bin", &data);
     wait_converged(&[&a, &b], CONVERGE);
     let before = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
@@ -84,7 +94,11 @@ fn one_byte_change_moves_one_block() {
     a.write("f.bin", &data);
     wait_converged(&[&a, &b], CONVERGE);
     let after = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
-    assert!(after - before <= 128 * 1024, "moved {} bytes", after - before);
+    assert!(
+        after - before <= 128 * 1024,
+        "moved {} bytes",
+        after - before
+    );
 }
 
 #[test]
@@ -97,7 +111,9 @@ fn propagation_is_fast() {
         let name = format!("p{i}.txt");
         let t0 = Instant::now();
         a.write(&name, &[b'x'; 1024]);
-        wait_for("propagation", Duration::from_secs(20), || b.path(&name).exists());
+        wait_for("propagation", Duration::from_secs(20), || {
+            b.path(&name).exists()
+        });
         times.push(t0.elapsed());
     }
     times.sort();

@@ -51,7 +51,10 @@ fn edit_beats_concurrent_delete() {
     a.start();
     let t = wait_converged(&[&a, &b], CONVERGE);
     assert_eq!(b.read("doc.txt").unwrap(), b"v2 edited on a");
-    assert!(!t.contains_key("other.txt"), "an unedited file stays deleted");
+    assert!(
+        !t.contains_key("other.txt"),
+        "an unedited file stays deleted"
+    );
     assert!(conflict_copies(&t).is_empty());
 }
 
@@ -92,10 +95,20 @@ fn edits_while_apart_sync_on_reconnect_incrementally() {
     let log = b.stderr();
     let counts: Vec<usize> = log[log_len..]
         .lines()
-        .filter_map(|l| l.split(" records from ").next()?.rsplit(' ').next()?.parse().ok())
+        .filter_map(|l| {
+            l.split(" records from ")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     assert!(!counts.is_empty(), "no index exchange logged");
-    assert!(counts.iter().all(|n| *n < 10), "index exchange sizes {counts:?}");
+    assert!(
+        counts.iter().all(|n| *n < 10),
+        "index exchange sizes {counts:?}"
+    );
 
     // The peer going away and coming back (kill, not a clean stop).
     a.kill9();
@@ -109,11 +122,15 @@ fn edits_while_apart_sync_on_reconnect_incrementally() {
 #[test]
 fn kill9_during_large_transfer_recovers() {
     let (a, mut b) = two_boxes();
-    let data: Vec<u8> = (0..96 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let data: Vec<u8> = (0..96 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
     a.write("big.bin", &data);
     let tmp = b.root.join(".mybox/tmp/sync");
     wait_for("a transfer to start", Duration::from_secs(60), || {
-        std::fs::read_dir(&tmp).map(|rd| rd.count() > 0).unwrap_or(false)
+        std::fs::read_dir(&tmp)
+            .map(|rd| rd.count() > 0)
+            .unwrap_or(false)
     });
     b.kill9();
     // Nothing partial at the real path.
@@ -153,7 +170,10 @@ struct Mount(std::path::PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -195,7 +215,10 @@ fn disk_full_is_reported_and_recovers() {
     let deadline = std::time::Instant::now() + CONVERGE;
     loop {
         let st = b.status_json();
-        if st["last_error"].as_str().is_some_and(|e| e.contains("disk full")) {
+        if st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disk full"))
+        {
             break;
         }
         assert!(

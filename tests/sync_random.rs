@@ -46,7 +46,9 @@ fn random_content(rng: &mut StdRng) -> Vec<u8> {
         _ => rng.gen_range(1..3000),
     };
     let seed: u8 = rng.gen();
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// One random operation on the store at `root`; records last writes when `track` is given.
@@ -191,14 +193,22 @@ fn random_operations_converge() {
     for round in 0..rounds {
         // Connected: both sides change things while sync runs.
         for _ in 0..10 {
-            let (name, root) = if rng.gen_bool(0.5) { ("a", &a.root) } else { ("b", &b.root) };
+            let (name, root) = if rng.gen_bool(0.5) {
+                ("a", &a.root)
+            } else {
+                ("b", &b.root)
+            };
             let what = random_op(&mut rng, root, None);
             log.push(format!("r{round} connected {name}: {what}"));
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..40)));
         }
-        let result = std::panic::catch_unwind(|| wait_converged(&[&a, &b], Duration::from_secs(60)));
+        let result =
+            std::panic::catch_unwind(|| wait_converged(&[&a, &b], Duration::from_secs(60)));
         if let Err(e) = result {
-            panic!("seed {seed}: no convergence after connected round {round}\nops:\n{}\n{e:?}", log.join("\n"));
+            panic!(
+                "seed {seed}: no convergence after connected round {round}\nops:\n{}\n{e:?}",
+                log.join("\n")
+            );
         }
         // Apart: b's daemon is stopped, both sides change things.
         b.stop();
@@ -212,13 +222,14 @@ fn random_operations_converge() {
         }
         std::thread::sleep(Duration::from_millis(200));
         b.start();
-        let t = match std::panic::catch_unwind(|| wait_converged(&[&a, &b], Duration::from_secs(60))) {
-            Ok(t) => t,
-            Err(e) => panic!(
-                "seed {seed}: no convergence after apart round {round}\nops:\n{}\n{e:?}",
-                log.join("\n")
-            ),
-        };
+        let t =
+            match std::panic::catch_unwind(|| wait_converged(&[&a, &b], Duration::from_secs(60))) {
+                Ok(t) => t,
+                Err(e) => panic!(
+                    "seed {seed}: no convergence after apart round {round}\nops:\n{}\n{e:?}",
+                    log.join("\n")
+                ),
+            };
         let r = std::panic::catch_unwind(|| {
             check_survivors(&t, "a", &last_a, seed);
             check_survivors(&t, "b", &last_b, seed);

@@ -304,9 +304,9 @@ impl Applier {
 
         // The previous version of the same file: most blocks of an edited file are unchanged, so
         // clone it whole (copy_file_range, in the kernel) and patch the rest.
-        let old = self.stored(&rec.path)?.filter(|s| {
-            s.record.kind == Kind::File && !s.record.deleted && s.record.is_hashed()
-        });
+        let old = self
+            .stored(&rec.path)?
+            .filter(|s| s.record.kind == Kind::File && !s.record.deleted && s.record.is_hashed());
         if let Some(old) = old {
             let same: usize = rec
                 .blocks
@@ -413,8 +413,7 @@ impl Applier {
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| ctx_err(&path, e))?;
             let mut data = Vec::with_capacity(rec.size as usize);
-            file.read_to_end(&mut data)
-                .map_err(|e| ctx_err(&path, e))?;
+            file.read_to_end(&mut data).map_err(|e| ctx_err(&path, e))?;
             if Some(<[u8; 32]>::from(Sha256::digest(&data))) != rec.sha256 {
                 return Err(ApplyError::Other(format!(
                     "{path}: assembled file does not match its hash"

@@ -16,7 +16,7 @@ use crate::paths::RelPath;
 use crate::protocol::{ErrorCode, Request, Response};
 use crate::scan::{self, HashWanted, IgnoreRules};
 use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
-use crate::sync::apply::{self, ApplyError, Applier};
+use crate::sync::apply::{self, Applier, ApplyError};
 use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
@@ -101,7 +101,10 @@ impl Engine {
             let local = ctx.local.clone();
             let db = db.clone();
             blocking(move || -> anyhow::Result<()> {
-                let mut ix = local.index.lock().map_err(|_| anyhow::anyhow!("index lock"))?;
+                let mut ix = local
+                    .index
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock"))?;
                 let s = scan::scan(&local.dir, &mut ix, me, &RelPath::root(), HashWanted::All)?;
                 for e in &s.errors {
                     tracing::warn!("scan: {e}");
@@ -120,9 +123,15 @@ impl Engine {
         }
         let max_seq = {
             let local = ctx.local.clone();
-            blocking(move || local.index.lock().ok().and_then(|ix| ix.max_sequence().ok()))
-                .await?
-                .unwrap_or(0)
+            blocking(move || {
+                local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.max_sequence().ok())
+            })
+            .await?
+            .unwrap_or(0)
         };
         let (scan_tx, scan_rx) = mpsc::unbounded_channel();
         let (seq_tx, _) = watch::channel(max_seq);
@@ -260,7 +269,10 @@ impl Engine {
         let db = self.db.clone();
         let me = self.me;
         let res = blocking(move || -> anyhow::Result<(Vec<RelPath>, u64)> {
-            let mut ix = local.index.lock().map_err(|_| anyhow::anyhow!("index lock"))?;
+            let mut ix = local
+                .index
+                .lock()
+                .map_err(|_| anyhow::anyhow!("index lock"))?;
             let mut changed = Vec::new();
             for r in &roots {
                 let s = scan::scan(&local.dir, &mut ix, me, r, HashWanted::All)?;
@@ -526,7 +538,11 @@ impl Engine {
             }
         }
         if !paths.is_empty() {
-            tracing::debug!("{} records from {}", paths.len(), &peer[..7.min(peer.len())]);
+            tracing::debug!(
+                "{} records from {}",
+                paths.len(),
+                &peer[..7.min(peer.len())]
+            );
             self.mark_dirty(paths);
         }
         Ok(())
@@ -541,14 +557,23 @@ impl Engine {
             if remote.is_empty() {
                 return Ok(Vec::new());
             }
-            let ix = local.index.lock().map_err(|_| anyhow::anyhow!("index lock"))?;
-            let mine: HashMap<RelPath, Record> =
-                ix.all()?.into_iter().map(|s| (s.record.path.clone(), s.record)).collect();
+            let ix = local
+                .index
+                .lock()
+                .map_err(|_| anyhow::anyhow!("index lock"))?;
+            let mine: HashMap<RelPath, Record> = ix
+                .all()?
+                .into_iter()
+                .map(|s| (s.record.path.clone(), s.record))
+                .collect();
             Ok(remote
                 .into_iter()
                 .filter(|r| {
-                    mine.get(&r.path).map_or(true, |l| {
-                        matches!(r.version.compare(&l.version), VvOrder::Greater | VvOrder::Concurrent)
+                    mine.get(&r.path).is_none_or(|l| {
+                        matches!(
+                            r.version.compare(&l.version),
+                            VvOrder::Greater | VvOrder::Concurrent
+                        )
                     })
                 })
                 .map(|r| r.path)
@@ -628,11 +653,17 @@ impl Engine {
             }
         }
         let local = self.ctx.local.clone();
-        let current_max = blocking(move || local.index.lock().ok().and_then(|ix| ix.max_sequence().ok()))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(cursor);
+        let current_max = blocking(move || {
+            local
+                .index
+                .lock()
+                .ok()
+                .and_then(|ix| ix.max_sequence().ok())
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(cursor);
         let _ = out
             .end(Response::Sync(SyncResponse::IndexEnd {
                 last_sent: cursor,
@@ -743,8 +774,14 @@ impl Engine {
             self.pull_batch(paths).await;
             self.busy.fetch_sub(1, Ordering::Relaxed);
             let local = self.ctx.local.clone();
-            if let Ok(Some(max)) =
-                blocking(move || local.index.lock().ok().and_then(|ix| ix.max_sequence().ok())).await
+            if let Ok(Some(max)) = blocking(move || {
+                local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.max_sequence().ok())
+            })
+            .await
             {
                 self.seq_tx.send_if_modified(|v| {
                     let m = *v != max;
@@ -770,8 +807,10 @@ impl Engine {
             let mut out = Vec::new();
             for p in paths {
                 let remotes = lock(&db).remote_records(&p)?;
-                let remotes: Vec<(String, Record)> =
-                    remotes.into_iter().filter(|(peer, _)| pinned.contains(peer)).collect();
+                let remotes: Vec<(String, Record)> = remotes
+                    .into_iter()
+                    .filter(|(peer, _)| pinned.contains(peer))
+                    .collect();
                 if remotes.is_empty() {
                     continue;
                 }
@@ -779,7 +818,10 @@ impl Engine {
                     continue;
                 }
                 let l = {
-                    let ix = local.index.lock().map_err(|_| anyhow::anyhow!("index lock"))?;
+                    let ix = local
+                        .index
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("index lock"))?;
                     ix.get(&p)?.map(|s| s.record)
                 };
                 let multi = remotes.len() > 1;
@@ -911,7 +953,9 @@ impl Engine {
                     "conflict on {}: keeping the local version as {loser}",
                     record.path
                 );
-                let out = self.install(&pl.peer, record, expected, Some(loser)).await?;
+                let out = self
+                    .install(&pl.peer, record, expected, Some(loser))
+                    .await?;
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 Ok(out)
             }
@@ -951,8 +995,10 @@ impl Engine {
                 .ok_or_else(|| ApplyError::Other(format!("{}: peer not connected", rec.path)))?;
             for run in runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST) {
                 let first = run[0];
-                let hashes: Vec<[u8; 32]> =
-                    run.iter().map(|i| building.rec.blocks[*i as usize]).collect();
+                let hashes: Vec<[u8; 32]> = run
+                    .iter()
+                    .map(|i| building.rec.blocks[*i as usize])
+                    .collect();
                 let mut s = conn
                     .request(Request::Sync(SyncRequest::GetBlocks {
                         path: rec.path.clone(),
@@ -982,7 +1028,10 @@ impl Engine {
                     }
                 }
                 if i != first + run.len() as u64 {
-                    return Err(ApplyError::Other(format!("{}: short block answer", rec.path)));
+                    return Err(ApplyError::Other(format!(
+                        "{}: short block answer",
+                        rec.path
+                    )));
                 }
             }
         }
@@ -1042,10 +1091,12 @@ impl Engine {
             for l in mine.values() {
                 let need = match theirs.get(&l.path) {
                     None => !l.deleted,
-                    Some(r) => matches!(
-                        l.version.compare(&r.version),
-                        VvOrder::Greater | VvOrder::Concurrent
-                    ) && !l.same_content(r),
+                    Some(r) => {
+                        matches!(
+                            l.version.compare(&r.version),
+                            VvOrder::Greater | VvOrder::Concurrent
+                        ) && !l.same_content(r)
+                    }
                 };
                 if need {
                     of += 1;
@@ -1153,7 +1204,10 @@ mod tests {
 
     #[test]
     fn runs_split() {
-        assert_eq!(runs(&[0, 1, 2, 5, 6, 9], 2), vec![vec![0, 1], vec![2], vec![5, 6], vec![9]]);
+        assert_eq!(
+            runs(&[0, 1, 2, 5, 6, 9], 2),
+            vec![vec![0, 1], vec![2], vec![5, 6], vec![9]]
+        );
     }
 
     #[test]

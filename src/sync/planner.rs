@@ -33,7 +33,8 @@ pub enum Action {
 pub fn is_actionable(r: &Record) -> bool {
     r.deleted
         || r.kind != Kind::File
-        || (r.sha256.is_some() && r.blocks.len() as u64 == r.size.div_ceil(crate::model::BLOCK_SIZE))
+        || (r.sha256.is_some()
+            && r.blocks.len() as u64 == r.size.div_ceil(crate::model::BLOCK_SIZE))
 }
 
 /// Total order used to pick the winner of a conflict; every box computes the same one.
@@ -202,7 +203,9 @@ mod tests {
         match plan(Some(&a), &b) {
             Action::Conflict { record, loser } => {
                 assert_eq!(record.sha256, b.sha256);
-                assert!(loser.as_str().starts_with("d/x.sync-conflict-19700101-000010-"));
+                assert!(loser
+                    .as_str()
+                    .starts_with("d/x.sync-conflict-19700101-000010-"));
                 assert!(loser.as_str().ends_with(".txt"));
             }
             other => panic!("{other:?}"),
@@ -235,7 +238,10 @@ mod tests {
     fn conflict_names() {
         let p = RelPath::parse("a/b.tar.gz").unwrap();
         let n = conflict_name(&p, 0, 0);
-        assert_eq!(n.as_str(), "a/b.tar.sync-conflict-19700101-000000-AAAAAAA.gz");
+        assert_eq!(
+            n.as_str(),
+            "a/b.tar.sync-conflict-19700101-000000-AAAAAAA.gz"
+        );
         let p = RelPath::parse(".bashrc").unwrap();
         assert!(conflict_name(&p, 0, 0)
             .as_str()
@@ -247,11 +253,11 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = Record> {
         (
-            0u8..3,                                                      // content
-            0i64..3,                                                     // mtime
-            1u64..4,                                                     // modified_by
+            0u8..3,                                                  // content
+            0i64..3,                                                 // mtime
+            1u64..4,                                                 // modified_by
             proptest::collection::btree_map(1u64..4, 1u64..4, 0..3), // version
-            0u8..4,                                                      // kind/deleted
+            0u8..4,                                                  // kind/deleted
             prop_oneof![Just(0o644u32), Just(0o600u32)],
         )
             .prop_map(|(c, m, by, v, k, mode)| {

@@ -54,7 +54,10 @@ pub enum SyncResponse {
     /// End of an index stream: the highest sequence sent (or `since` if nothing was), and the
     /// sender's current maximum (lower than the asker's cursor means the sender's index was
     /// recreated and the asker must start over).
-    IndexEnd { last_sent: u64, current_max: u64 },
+    IndexEnd {
+        last_sent: u64,
+        current_max: u64,
+    },
     Ack,
 }
 
@@ -70,7 +73,8 @@ pub fn pages(records: Vec<Record>) -> Vec<Vec<Record>> {
     let mut weight = 0;
     for r in records {
         let w = record_weight(&r);
-        if !cur.is_empty() && (cur.len() >= RECORDS_PER_FRAME || weight + w > RECORD_BYTES_PER_FRAME)
+        if !cur.is_empty()
+            && (cur.len() >= RECORDS_PER_FRAME || weight + w > RECORD_BYTES_PER_FRAME)
         {
             out.push(std::mem::take(&mut cur));
             weight = 0;

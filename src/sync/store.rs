@@ -94,9 +94,9 @@ impl SyncDb {
 
     /// Every peer's record of `path`, ordered by peer.
     pub fn remote_records(&self, path: &RelPath) -> anyhow::Result<Vec<(String, Record)>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT peer, record FROM remote_files WHERE path = ?1 ORDER BY peer")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT peer, record FROM remote_files WHERE path = ?1 ORDER BY peer",
+        )?;
         let rows = stmt.query_map(params![path.as_str()], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
         })?;

@@ -9,7 +9,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::paths::RelPath;
 
 /// Watch `root` recursively; keep the returned watcher alive for as long as events are wanted.
-pub fn start(root: &Path, tx: UnboundedSender<RelPath>) -> notify::Result<notify::RecommendedWatcher> {
+pub fn start(
+    root: &Path,
+    tx: UnboundedSender<RelPath>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let base: PathBuf = root.to_path_buf();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {

@@ -89,9 +89,7 @@ impl TestBox {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_default();
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         assert!(
             line.contains(" serving ") && line.contains(" on 127.0.0.1:"),
             "daemon {} did not start: {line:?}\n{}",
@@ -164,17 +162,32 @@ impl Drop for TestBox {
 
 /// Pin each box as the other's peer.
 pub fn pair(a: &TestBox, b: &TestBox) {
-    let out = mybox(&a.root, &["peer", "add", &b.id, &format!("127.0.0.1:{}", b.port)]);
+    let out = mybox(
+        &a.root,
+        &["peer", "add", &b.id, &format!("127.0.0.1:{}", b.port)],
+    );
     assert!(out.status.success(), "{out:?}");
-    let out = mybox(&b.root, &["peer", "add", &a.id, &format!("127.0.0.1:{}", a.port)]);
+    let out = mybox(
+        &b.root,
+        &["peer", "add", &a.id, &format!("127.0.0.1:{}", a.port)],
+    );
     assert!(out.status.success(), "{out:?}");
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
-    File { mode: u32, mtime_ns: i64, data: Vec<u8> },
-    Dir { mode: u32 },
-    Link { target: String, mtime_ns: i64 },
+    File {
+        mode: u32,
+        mtime_ns: i64,
+        data: Vec<u8>,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link {
+        target: String,
+        mtime_ns: i64,
+    },
 }
 
 pub type Tree = BTreeMap<String, Entry>;
@@ -184,14 +197,22 @@ pub fn snapshot(root: &Path) -> Tree {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
-            let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(root)
+                .expect("prefix")
+                .to_string_lossy()
+                .into_owned();
             if rel == ".mybox" {
                 continue;
             }
-            let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
             let mode = md.permissions().mode() & 0o7777;
             let ent = if md.file_type().is_symlink() {
@@ -222,7 +243,9 @@ pub fn diff(a: &Tree, b: &Tree) -> String {
     for (k, v) in a {
         match b.get(k) {
             None => out.push_str(&format!("  only in first: {k}\n")),
-            Some(w) if w != v => out.push_str(&format!("  differs: {k}: {} vs {}\n", short(v), short(w))),
+            Some(w) if w != v => {
+                out.push_str(&format!("  differs: {k}: {} vs {}\n", short(v), short(w)))
+            }
             _ => {}
         }
     }
@@ -236,7 +259,11 @@ pub fn diff(a: &Tree, b: &Tree) -> String {
 
 fn short(e: &Entry) -> String {
     match e {
-        Entry::File { mode, mtime_ns, data } => format!(
+        Entry::File {
+            mode,
+            mtime_ns,
+            data,
+        } => format!(
             "file mode {mode:o} mtime {mtime_ns} {} bytes {:?}",
             data.len(),
             String::from_utf8_lossy(&data[..data.len().min(40)])
@@ -272,10 +299,17 @@ pub fn wait_converged(boxes: &[&TestBox], timeout: Duration) -> Tree {
                 .map(|b| {
                     let e = b.stderr();
                     let tail: Vec<&str> = e.lines().rev().take(40).collect();
-                    format!("--- {} stderr tail ---\n{}", b.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    format!(
+                        "--- {} stderr tail ---\n{}",
+                        b.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
                 })
                 .collect();
-            panic!("boxes did not converge within {timeout:?}:\n{last_diff}\n{}", logs.join("\n"));
+            panic!(
+                "boxes did not converge within {timeout:?}:\n{last_diff}\n{}",
+                logs.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -306,7 +340,10 @@ pub fn set_mtime(p: &Path, secs: i64) {
 }
 
 pub fn conflict_copies(t: &Tree) -> Vec<String> {
-    t.keys().filter(|k| k.contains(".sync-conflict-")).cloned().collect()
+    t.keys()
+        .filter(|k| k.contains(".sync-conflict-"))
+        .cloned()
+        .collect()
 }
 
 pub const CONVERGE: Duration = Duration::from_secs(30);
