@@ -412,9 +412,16 @@ impl Applier {
         if rec.size <= 4 * 1024 * 1024 {
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| ctx_err(&path, e))?;
-            let mut data = Vec::with_capacity(rec.size as usize);
-            file.read_to_end(&mut data).map_err(|e| ctx_err(&path, e))?;
-            if Some(<[u8; 32]>::from(Sha256::digest(&data))) != rec.sha256 {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| ctx_err(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            if Some(<[u8; 32]>::from(h.finalize())) != rec.sha256 {
                 return Err(ApplyError::Other(format!(
                     "{path}: assembled file does not match its hash"
                 )));

@@ -682,7 +682,13 @@ impl Engine {
     ) -> String {
         if hashes.is_empty() || hashes.len() > proto::MAX_BLOCKS_PER_REQUEST {
             let _ = out
-                .error(ErrorCode::BadRequest, "between 1 and 32 blocks per request")
+                .error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "between 1 and {} blocks per request",
+                        proto::MAX_BLOCKS_PER_REQUEST
+                    ),
+                )
                 .await;
             return "bad request".into();
         }

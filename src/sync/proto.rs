@@ -16,8 +16,9 @@ pub const RECORDS_PER_FRAME: usize = 2000;
 /// Budget of encoded record bytes per page (block lists of big files dominate), well under the
 /// 16 MiB frame cap.
 pub const RECORD_BYTES_PER_FRAME: usize = 6 * 1024 * 1024;
-/// Blocks one `GetBlocks` may ask for (4 MiB of data with 128 KiB blocks).
-pub const MAX_BLOCKS_PER_REQUEST: usize = 32;
+/// Blocks one `GetBlocks` may ask for (2 MiB of data with 128 KiB blocks): the server holds them
+/// in memory while it answers, so this bounds a request's footprint.
+pub const MAX_BLOCKS_PER_REQUEST: usize = 16;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SyncRequest {
