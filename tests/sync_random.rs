@@ -210,8 +210,14 @@ fn random_operations_converge() {
                 log.join("\n")
             );
         }
-        // Apart: b's daemon is stopped, both sides change things.
-        b.stop();
+        // Apart: b's daemon is stopped (or killed -9 in the middle of whatever it was doing),
+        // both sides change things.
+        if rng.gen_bool(0.3) {
+            log.push(format!("r{round} kill -9 b"));
+            b.kill9();
+        } else {
+            b.stop();
+        }
         let mut last_a = LastWrites::new();
         let mut last_b = LastWrites::new();
         for _ in 0..10 {

@@ -64,7 +64,7 @@ class Box:
         self.proc = subprocess.Popen(
             [MYBOX, "--box", self.root, "daemon", "--listen", f"127.0.0.1:{self.port}",
              "--rescan-interval", "60"],
-            stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "MYBOX_LOG": "warn"})
+            stdout=subprocess.PIPE, stderr=err, text=True, env={"MYBOX_LOG": "warn", **os.environ})
         PROCS.append(self.proc)
         line = self.proc.stdout.readline()
         if " serving " not in line:
@@ -107,7 +107,7 @@ def count_entries(root):
 def wait_synced(b, expect_entries, timeout=3600):
     """Until b is connected, has nothing left to pull and holds as many entries as the source."""
     t_end = time.time() + timeout
-    pause = 0.02
+    pause = float(os.environ.get("POLL", "0.02"))
     while time.time() < t_end:
         t0 = time.time()
         st = b.status()

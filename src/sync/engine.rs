@@ -26,8 +26,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(30);
-/// Files pulled at once.
-const PULL_PARALLEL: usize = 8;
+/// Pull slots: a small file takes one, a big one up to `BIG_FILE_SLOTS`, so many small files
+/// overlap their round trips while a few big ones bound the memory held in flight.
+const PULL_SLOTS: u32 = 32;
+const BIG_FILE_SLOTS: u32 = 8;
 /// More distinct changed paths than this in one debounce window: scan the whole store.
 const MAX_SCAN_ROOTS: usize = 64;
 
@@ -259,12 +261,11 @@ impl Engine {
             while let Ok(p) = rx.try_recv() {
                 set.insert(p);
             }
-            let roots = reduce_roots(set);
-            self.run_scan(roots).await;
+            self.run_scan(set).await;
         }
     }
 
-    async fn run_scan(&self, roots: Vec<RelPath>) {
+    async fn run_scan(&self, paths: BTreeSet<RelPath>) {
         let local = self.ctx.local.clone();
         let db = self.db.clone();
         let me = self.me;
@@ -273,6 +274,14 @@ impl Engine {
                 .index
                 .lock()
                 .map_err(|_| anyhow::anyhow!("index lock"))?;
+            // Most events are about our own applies, already indexed with their stat key: drop
+            // those before deciding what to scan, so a burst of received files does not turn
+            // into full rescans.
+            let paths: BTreeSet<RelPath> = paths
+                .into_iter()
+                .filter(|p| !unchanged(&local.dir.root, &ix, p))
+                .collect();
+            let roots = reduce_roots(paths);
             let mut changed = Vec::new();
             for r in &roots {
                 let s = scan::scan(&local.dir, &mut ix, me, r, HashWanted::All)?;
@@ -880,10 +889,15 @@ impl Engine {
         for pl in dirs {
             self.execute(pl).await;
         }
-        let sem = Arc::new(tokio::sync::Semaphore::new(PULL_PARALLEL));
+        let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
         let mut set = tokio::task::JoinSet::new();
         for pl in files {
-            let Ok(permit) = sem.clone().acquire_owned().await else {
+            let size = match &pl.action {
+                Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
+                _ => 0,
+            };
+            let slots = (size / (256 * 1024)).clamp(1, BIG_FILE_SLOTS as u64) as u32;
+            let Ok(permit) = sem.clone().acquire_many_owned(slots).await else {
                 break;
             };
             let me = self.clone();
@@ -1154,6 +1168,27 @@ impl Engine {
     }
 }
 
+/// Is `p` (a file, link or absent path; never a directory, whose children may have changed
+/// unseen) exactly as the index describes it? Then an event about it needs no scan.
+fn unchanged(root: &std::path::Path, ix: &crate::index::Index, p: &RelPath) -> bool {
+    if p.is_root() {
+        return false;
+    }
+    let Ok(Some(st)) = ix.get(p) else {
+        return false;
+    };
+    let r = &st.record;
+    match scan::disk_entry(root, p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.deleted,
+        Ok(Some(e)) if !r.deleted && e.kind == r.kind && e.mode == r.mode => match e.kind {
+            Kind::File => r.is_hashed() && st.stat == Some(e.stat) && e.mtime_ns == r.mtime_ns,
+            Kind::Symlink => e.target == r.target && e.mtime_ns == r.mtime_ns,
+            Kind::Dir => false,
+        },
+        _ => false,
+    }
+}
+
 /// One planned change.
 struct Planned {
     path: RelPath,
@@ -1191,6 +1226,9 @@ fn runs(idx: &[u64], max: usize) -> Vec<Vec<u64>> {
 
 /// The smallest set of subtrees covering `set`; the root when there are too many.
 fn reduce_roots(set: BTreeSet<RelPath>) -> Vec<RelPath> {
+    if set.is_empty() {
+        return Vec::new();
+    }
     if set.contains(&RelPath::root()) || set.len() > MAX_SCAN_ROOTS {
         return vec![RelPath::root()];
     }
@@ -1214,6 +1252,41 @@ mod tests {
             runs(&[0, 1, 2, 5, 6, 9], 2),
             vec![vec![0, 1], vec![2], vec![5, 6], vec![9]]
         );
+    }
+
+    #[test]
+    fn scan_view_under_selects_the_subtree() {
+        let ix = crate::index::Index::open_in_memory().unwrap();
+        for (i, p) in ["a", "a/b", "a/b/c", "a b", "a0", "ab", "b"]
+            .iter()
+            .enumerate()
+        {
+            let r = Record {
+                path: RelPath::parse(p).unwrap(),
+                kind: Kind::File,
+                size: 0,
+                mtime_ns: 0,
+                mode: 0o644,
+                target: None,
+                md5: None,
+                sha256: None,
+                blocks: vec![],
+                version: Default::default(),
+                deleted: false,
+                sequence: i as u64 + 1,
+                modified_by: 1,
+            };
+            ix.put(&r, None).unwrap();
+        }
+        let mut got: Vec<String> = ix
+            .scan_view_under(&RelPath::parse("a").unwrap())
+            .unwrap()
+            .into_keys()
+            .map(|p| p.to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["a", "a/b", "a/b/c"]);
+        assert_eq!(ix.scan_view().unwrap().len(), 7);
     }
 
     #[test]
