@@ -13,7 +13,14 @@ cargo build --tests --quiet
 i=1
 while [ "$i" -le "$RUNS" ]; do
     echo "soak run $i/$RUNS: $OPS operations"
-    MYBOX_SOAK_OPS="$OPS" cargo test --quiet --test sync_random -- --nocapture 2>&1 |
-        grep -E "MYBOX_SEED|converged|panicked|lost|seed" || { echo "soak run $i failed" >&2; exit 1; }
+    out="$(mktemp)"
+    if ! MYBOX_SOAK_OPS="$OPS" cargo test --quiet --test sync_random -- --nocapture >"$out" 2>&1; then
+        cat "$out" >&2
+        rm -f "$out"
+        echo "soak run $i failed (the seed is printed above; replay with MYBOX_SEED)" >&2
+        exit 1
+    fi
+    grep -E "MYBOX_SEED|converged" "$out" || true
+    rm -f "$out"
     i=$((i + 1))
 done
