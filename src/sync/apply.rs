@@ -33,6 +33,8 @@ pub enum ApplyError {
     Busy(RelPath),
     #[error("{0}: directory not empty")]
     NotEmpty(RelPath),
+    #[error("{0}: no connection to the peer that has it")]
+    Unavailable(RelPath),
     #[error("disk full: {0}")]
     NoSpace(String),
     #[error("{0}")]

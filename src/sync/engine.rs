@@ -936,6 +936,8 @@ impl Engine {
             }
             Err(ApplyError::Busy(p)) => self.retry_later(p, Duration::from_millis(500)),
             Err(ApplyError::NotEmpty(p)) => self.retry_later(p, Duration::from_secs(2)),
+            // Queued again as soon as that peer connects (`mark_need`); this is only a backstop.
+            Err(ApplyError::Unavailable(p)) => self.retry_later(p, Duration::from_secs(10)),
             Err(e @ ApplyError::NoSpace(_)) => {
                 self.set_error(format!("{path}: {e}; will retry"));
                 self.retry_later(path, Duration::from_secs(2));
@@ -1012,7 +1014,7 @@ impl Engine {
         if !building.missing.is_empty() {
             let conn = self
                 .conn_for(peer)
-                .ok_or_else(|| ApplyError::Other(format!("{}: peer not connected", rec.path)))?;
+                .ok_or_else(|| ApplyError::Unavailable(rec.path.clone()))?;
             for run in runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST) {
                 let first = run[0];
                 let hashes: Vec<[u8; 32]> = run
