@@ -115,6 +115,12 @@ pub async fn run(b: &BoxDir, listen: Option<String>, rescan_secs: u64) -> anyhow
     engine.stop().await;
     let _ = std::fs::remove_file(&sock);
     tracing::info!("stopped");
+    // Leaving the runtime waits for blocking work (hashing a huge file, say); everything on disk
+    // is already consistent (temp files are cleared on the next start), so do not hang on it.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(10));
+        std::process::exit(0);
+    });
     Ok(())
 }
 

@@ -468,9 +468,17 @@ def fmt_t(x):
     return "n/a" if x is None else f"{x:.2f} s"
 
 
+class Rows(list):
+    """Rows of the table, each also logged as soon as it is measured."""
+    def append(self, r):
+        log("result:", " | ".join(str(c) for c in r))
+        super().append(r)
+
+
 def main():
     os.makedirs(BASE, exist_ok=True)
-    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    rows = Rows()
     try:
         std = dataset_std()
         small = dataset_small(2000 if QUICK else 10000)

@@ -817,10 +817,15 @@ impl Engine {
             .iter()
             .map(|p| p.to_string())
             .collect();
+        let stop = self.shutdown.subscribe();
         blocking(move || -> anyhow::Result<Vec<Planned>> {
             let ignore = IgnoreRules::load(&local.dir);
             let mut out = Vec::new();
             for p in paths {
+                if *stop.borrow() {
+                    // Shutting down: the rest is planned again on the next start.
+                    break;
+                }
                 let remotes = lock(&db).remote_records(&p)?;
                 let remotes: Vec<(String, Record)> = remotes
                     .into_iter()

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS remote_files (
     record BLOB NOT NULL,
     PRIMARY KEY (peer, path)
 );
+CREATE INDEX IF NOT EXISTS remote_files_path ON remote_files(path);
 CREATE TABLE IF NOT EXISTS remote_seq (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (hash BLOB NOT NULL, path TEXT NOT NULL, idx INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS blocks_hash ON blocks(hash);
