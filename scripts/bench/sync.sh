@@ -388,15 +388,22 @@ def pct(xs):
     return xs[len(xs) // 2], xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
 
 
-def tcp_bytes(port):
-    """Bytes sent plus received by established loopback sockets on `port` (tcp_info counters)."""
-    out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} or dport = :{port} )"],
-                         capture_output=True, text=True).stdout
+def tcp_bytes(pid):
+    """Bytes sent plus received by the TCP sockets of process `pid` (tcp_info counters). Loopback
+    shows both ends of every connection, so only the sender's own sockets are counted."""
+    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True).stdout
     total = 0
-    for tok in out.split():
-        for key in ("bytes_acked:", "bytes_received:"):
-            if tok.startswith(key):
-                total += int(tok[len(key):])
+    sock = ""
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            sock = line
+            continue
+        if f"pid={pid}," not in sock:
+            continue
+        for tok in line.split():
+            for key in ("bytes_acked:", "bytes_received:"):
+                if tok.startswith(key):
+                    total += int(tok[len(key):])
     return total
 
 
@@ -412,7 +419,7 @@ def one_byte_mybox(size):
     a.start(); b.start()
     wait_synced(b, 1)
     time.sleep(1)
-    before = tcp_bytes(a.port)
+    before = tcp_bytes(a.proc.pid)
     t0 = time.time()
     with open(path, "r+b") as f:
         f.seek(size // 2 + 12345)
@@ -433,7 +440,7 @@ def one_byte_mybox(size):
             raise SystemExit("one-byte change never arrived")
     t = time.time() - t0
     time.sleep(0.5)
-    moved = tcp_bytes(a.port) - before
+    moved = tcp_bytes(a.proc.pid) - before
     a.stop(); b.stop()
     return t, moved
 
