@@ -1078,16 +1078,11 @@ impl Engine {
     }
 
     fn status_blocking(&self) -> serde_json::Value {
-        let mine: HashMap<RelPath, Record> = self
-            .ctx
-            .local
-            .index
-            .lock()
-            .ok()
-            .and_then(|ix| ix.all().ok())
+        let mine: HashMap<RelPath, Record> = lock(&self.db)
+            .local_light()
             .unwrap_or_default()
             .into_iter()
-            .map(|s| (s.record.path.clone(), s.record))
+            .map(|r| (r.path.clone(), r))
             .collect();
         let conflicts = mine
             .values()
@@ -1099,21 +1094,22 @@ impl Engine {
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         for id in self.ctx.peers.current() {
             let peer = id.to_string();
-            let remote = lock(&self.db).all_remote(&peer).unwrap_or_default();
-            let mut theirs: HashMap<&RelPath, &Record> = HashMap::new();
+            // What the peer announced, reduced to what "does it still need ours" looks at.
+            let mut theirs: HashMap<RelPath, Record> = HashMap::new();
             let (mut nf, mut nb) = (0u64, 0u64);
-            for r in &remote {
-                theirs.insert(&r.path, r);
-                if ignore.is_ignored(&r.path, r.kind == Kind::Dir) {
-                    continue;
-                }
-                if planner::plan(mine.get(&r.path), r) != Action::Nothing {
+            let _ = lock(&self.db).for_each_remote(&peer, |r| {
+                let ignored = ignore.is_ignored(&r.path, r.kind == Kind::Dir);
+                // Blocks were dropped for memory; the planner only needs them to be complete.
+                let mut full = r.clone();
+                full.blocks = vec![[0; 32]; r.size.div_ceil(crate::model::BLOCK_SIZE) as usize];
+                if !ignored && planner::plan(mine.get(&r.path), &full) != Action::Nothing {
                     nf += 1;
                     if r.kind == Kind::File && !r.deleted {
                         nb += r.size;
                     }
                 }
-            }
+                theirs.insert(r.path.clone(), r);
+            });
             let (mut of, mut ob) = (0u64, 0u64);
             for l in mine.values() {
                 let need = match theirs.get(&l.path) {
@@ -1132,6 +1128,7 @@ impl Engine {
                     }
                 }
             }
+            drop(theirs);
             in_files += nf;
             in_bytes += nb;
             let slot = lock(&self.peers);

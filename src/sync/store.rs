@@ -126,6 +126,72 @@ impl SyncDb {
         Ok(out)
     }
 
+    /// The local index without block lists (what `status` compares; a 100k-file index with its
+    /// blocks would cost far more memory than the answer is worth).
+    pub fn local_light(&self) -> anyhow::Result<Vec<Record>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT path, kind, size, mtime_ns, mode, target, md5 IS NOT NULL, sha256, version,
+                    deleted, sequence, modified_by FROM files",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, bool>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
+                r.get::<_, Vec<u8>>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, i64>(10)?,
+                r.get::<_, i64>(11)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, kind, size, mtime_ns, mode, target, has_md5, sha, version, deleted, seq, by) =
+                row?;
+            let Ok(path) = RelPath::parse(&path) else {
+                continue;
+            };
+            out.push(Record {
+                path,
+                kind: crate::model::Kind::from_i64(kind).unwrap_or(crate::model::Kind::File),
+                size: size.max(0) as u64,
+                mtime_ns,
+                mode: mode as u32,
+                target,
+                // Only presence matters to the planner.
+                md5: has_md5.then_some([0; 16]),
+                sha256: sha.and_then(|v| v.try_into().ok()),
+                blocks: Vec::new(),
+                version: bincode::deserialize(&version).unwrap_or_default(),
+                deleted: deleted != 0,
+                sequence: seq.max(0) as u64,
+                modified_by: by as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Visit every record a peer announced, one at a time (nothing is collected).
+    pub fn for_each_remote(&self, peer: &str, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT record FROM remote_files WHERE peer = ?1")?;
+        let mut rows = stmt.query(params![peer])?;
+        while let Some(row) = rows.next()? {
+            let blob: Vec<u8> = row.get(0)?;
+            if let Ok(mut rec) = bincode::deserialize::<Record>(&blob) {
+                rec.blocks = Vec::new();
+                f(rec);
+            }
+        }
+        Ok(())
+    }
+
     /// Replace the block locations of `path` (none when it is gone or not a hashed file).
     pub fn set_blocks(&mut self, path: &RelPath, blocks: &[[u8; 32]]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
