@@ -894,8 +894,9 @@ impl Engine {
         for pl in dirs {
             self.execute(pl).await;
         }
+        // Detached tasks bounded by the semaphore, not a JoinSet: a JoinSet keeps every finished
+        // task's allocation until it is joined, which for 100k files is hundreds of MB.
         let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
-        let mut set = tokio::task::JoinSet::new();
         for pl in files {
             let size = match &pl.action {
                 Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
@@ -906,12 +907,13 @@ impl Engine {
                 break;
             };
             let me = self.clone();
-            set.spawn(async move {
+            tokio::spawn(async move {
                 me.execute(pl).await;
                 drop(permit);
             });
         }
-        while set.join_next().await.is_some() {}
+        // Every slot back means every file task has finished.
+        let _ = sem.acquire_many(PULL_SLOTS).await;
         deletes.sort_by(|a, b| b.path.cmp(&a.path));
         for pl in deletes {
             self.execute(pl).await;
