@@ -305,12 +305,34 @@ impl Index {
 
     /// Stat keys of all live files: what a scan compares the disk against without loading blocks.
     pub fn scan_view(&self) -> anyhow::Result<HashMap<RelPath, ScanRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT path, kind, size, mtime_ns, mode, target, deleted, md5 IS NOT NULL AND sha256 IS NOT NULL,
-                    st_size, st_mtime_ns, st_ctime_ns, st_inode FROM files",
-        )?;
+        self.scan_view_under(&RelPath::root())
+    }
+
+    /// [`scan_view`](Self::scan_view) restricted to `under` and the paths below it, so scanning
+    /// one changed file does not load the whole index (a range on the primary key: `/` + 1 is
+    /// `0`, so `[under/, under0)` holds exactly the descendants).
+    pub fn scan_view_under(&self, under: &RelPath) -> anyhow::Result<HashMap<RelPath, ScanRow>> {
+        const COLS: &str = "SELECT path, kind, size, mtime_ns, mode, target, deleted,
+                    md5 IS NOT NULL AND sha256 IS NOT NULL,
+                    st_size, st_mtime_ns, st_ctime_ns, st_inode FROM files";
+        let (sql, lo, hi) = if under.is_root() {
+            (COLS.to_string(), String::new(), String::new())
+        } else {
+            (
+                format!("{COLS} WHERE path = ?1 OR (path >= ?2 AND path < ?3)"),
+                format!("{under}/"),
+                format!("{under}0"),
+            )
+        };
+        let mut stmt = self.conn.prepare_cached(&sql)?;
         let mut out = HashMap::new();
-        let rows = stmt.query_map([], |row| {
+        let path_str = under.as_str().to_string();
+        let bind: Vec<&dyn rusqlite::ToSql> = if under.is_root() {
+            Vec::new()
+        } else {
+            vec![&path_str as &dyn rusqlite::ToSql, &lo, &hi]
+        };
+        let rows = stmt.query_map(bind.as_slice(), |row| {
             let path: String = row.get(0)?;
             let st_size: Option<i64> = row.get(8)?;
             let stat = match st_size {

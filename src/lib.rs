@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod fuse;
 pub mod hashing;
 pub mod history;

@@ -224,7 +224,7 @@ pub fn scan(
 ) -> anyhow::Result<ScanSummary> {
     let ignore = IgnoreRules::load(b);
     let disk = walk(&b.root, under, &ignore);
-    let known = index.scan_view()?;
+    let known = index.scan_view_under(under)?;
     let mut summary = ScanSummary::default();
 
     // Decide per path; hashing happens after, in parallel.

@@ -88,6 +88,17 @@ pub enum Command {
     },
     /// Unmount a mybox mount (also clears one left behind by a dead mount process).
     Umount { mountpoint: PathBuf },
+    /// Serve this box and keep it in sync with its peers, in the foreground.
+    Daemon {
+        /// Address to listen on (default: the config's `listen`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Seconds between full rescans (a safety net under inotify).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        rescan_interval: u64,
+    },
+    /// What the running daemon is doing: peers, what is left to sync, conflicts, last error.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,10 +145,14 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(
-        cli.verbose,
-        matches!(cli.command, Command::Serve { .. } | Command::Mount { .. }),
-    );
+    if matches!(cli.command, Command::Daemon { .. }) {
+        crate::daemon::init_logging(cli.box_dir.as_ref(), cli.verbose);
+    } else {
+        init_logging(
+            cli.verbose,
+            matches!(cli.command, Command::Serve { .. } | Command::Mount { .. }),
+        );
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -240,6 +255,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::mount::run_foreground(b, mountpoint).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
+        Command::Daemon {
+            listen,
+            rescan_interval,
+        } => crate::daemon::run(&find_box(cli.box_dir.as_ref())?, listen, rescan_interval).await,
+        Command::Status => crate::daemon::status(&find_box(cli.box_dir.as_ref())?, cli.json),
         cmd @ (Command::Index(_) | Command::Hash(_) | Command::Download { .. }) => {
             let b = find_box(cli.box_dir.as_ref())?;
             let session = open_session(&b, &opts).await?;

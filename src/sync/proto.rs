@@ -1,21 +1,90 @@
 //! Sync-engine wire messages.
+//!
+//! Index exchange is pulled by the receiver: a box asks `IndexSince { since }` for every record
+//! whose sequence is above the last one it stored, and a box whose sequence advanced only sends a
+//! tiny `IndexChanged` hint to its connected peers. Keeping the receiver in charge of its cursor
+//! means a reconnect, a hint lost with a dropped connection, or two hints racing each other can
+//! never leave a gap or apply an older record over a newer one.
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Record;
+use crate::paths::RelPath;
+
+/// Records per `Response::Records` page.
+pub const RECORDS_PER_FRAME: usize = 2000;
+/// Budget of encoded record bytes per page (block lists of big files dominate), well under the
+/// 16 MiB frame cap.
+pub const RECORD_BYTES_PER_FRAME: usize = 6 * 1024 * 1024;
+/// Blocks one `GetBlocks` may ask for (2 MiB of data with 128 KiB blocks): the server holds them
+/// in memory while it answers, so this bounds a request's footprint.
+pub const MAX_BLOCKS_PER_REQUEST: usize = 16;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SyncRequest {
+    /// Every record with a sequence above `since`: answered by `Response::Records` pages, then
+    /// `SyncResponse::IndexEnd`.
     IndexSince { since: u64 },
+    /// The sender's index advanced to `max_seq`; the receiver pulls when it likes.
+    IndexChanged { max_seq: u64 },
+    /// The blocks `first, first+1, ...` of `path`, expected to hash to `hashes`: answered by one
+    /// `Response::Data` per block. The server refuses (ErrorCode::Changed) as soon as a block on
+    /// disk does not match, so content that was never announced is never shipped.
+    GetBlocks {
+        path: RelPath,
+        first: u64,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// The sender is going away (shutdown).
+    Bye,
 }
 
 impl SyncRequest {
     pub fn kind_name(&self) -> &'static str {
         match self {
             SyncRequest::IndexSince { .. } => "index-since",
+            SyncRequest::IndexChanged { .. } => "index-changed",
+            SyncRequest::GetBlocks { .. } => "get-blocks",
+            SyncRequest::Bye => "bye",
         }
     }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SyncResponse {
-    Nothing,
+    /// End of an index stream: the highest sequence sent (or `since` if nothing was), and the
+    /// sender's current maximum (lower than the asker's cursor means the sender's index was
+    /// recreated and the asker must start over).
+    IndexEnd {
+        last_sent: u64,
+        current_max: u64,
+    },
+    Ack,
+}
+
+/// Rough encoded size of a record, for paging.
+pub fn record_weight(r: &Record) -> usize {
+    200 + r.path.as_str().len() + r.blocks.len() * 32 + r.version.0.len() * 16
+}
+
+/// Split records into pages that stay far below the frame cap.
+pub fn pages(records: Vec<Record>) -> Vec<Vec<Record>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut weight = 0;
+    for r in records {
+        let w = record_weight(&r);
+        if !cur.is_empty()
+            && (cur.len() >= RECORDS_PER_FRAME || weight + w > RECORD_BYTES_PER_FRAME)
+        {
+            out.push(std::mem::take(&mut cur));
+            weight = 0;
+        }
+        weight += w;
+        cur.push(r);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }

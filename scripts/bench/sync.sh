@@ -1,0 +1,530 @@
+#!/bin/sh
+# Sync benchmark (not a test): mybox daemons on loopback against rsync -a, unison and Syncthing
+# on the same data, printed as one table.
+#
+#   scripts/bench/sync.sh [--quick] [--skip-100k] [--skip-1g]
+#
+# Needs a release build (cargo build --release) and, for the comparison columns, the Debian
+# packages rsync, unison and syncthing (apt-get install -y rsync unison syncthing); a tool that is
+# missing shows "n/a". Everything lives under $BENCH_DIR (default /tmp/mybox-bench) and every
+# process started is stopped by its PID.
+set -eu
+cd "$(dirname "$0")/../.."
+MYBOX="${MYBOX:-$PWD/target/release/mybox}"
+[ -x "$MYBOX" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+export MYBOX
+exec python3 - "$@" <<'PY'
+import json, os, random, shutil, signal, socket, statistics, subprocess, sys, time
+import urllib.request
+
+MYBOX = os.environ["MYBOX"]
+BASE = os.environ.get("BENCH_DIR", "/tmp/mybox-bench")
+ARGS = set(sys.argv[1:])
+QUICK = "--quick" in ARGS
+PROCS = []
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def run(*cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill(); p.wait()
+
+
+def stop_all():
+    for p in PROCS:
+        stop(p)
+    PROCS.clear()
+
+
+class Box:
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        run(MYBOX, "init", root)
+        self.id = run(MYBOX, "--box", root, "id").stdout.strip()
+        self.proc = None
+
+    def start(self):
+        err = open(os.path.join(self.root, ".mybox", "bench-stderr.log"), "a")
+        self.proc = subprocess.Popen(
+            [MYBOX, "--box", self.root, "daemon", "--listen", f"127.0.0.1:{self.port}",
+             "--rescan-interval", "60"],
+            stdout=subprocess.PIPE, stderr=err, text=True, env={"MYBOX_LOG": "warn", **os.environ})
+        PROCS.append(self.proc)
+        line = self.proc.stdout.readline()
+        if " serving " not in line:
+            raise SystemExit(f"daemon for {self.root} did not start: {line!r}")
+
+    def status(self):
+        out = subprocess.run([MYBOX, "--box", self.root, "status", "--json"],
+                             capture_output=True, text=True)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def rss_peak_kb(self):
+        try:
+            for l in open(f"/proc/{self.proc.pid}/status"):
+                if l.startswith("VmHWM:"):
+                    return int(l.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def stop(self):
+        if self.proc:
+            stop(self.proc)
+            self.proc = None
+
+
+def pair(a, b):
+    run(MYBOX, "--box", a.root, "peer", "add", b.id, f"127.0.0.1:{b.port}")
+    run(MYBOX, "--box", b.root, "peer", "add", a.id, f"127.0.0.1:{a.port}")
+
+
+def count_entries(root):
+    n = 0
+    for d, dirs, files in os.walk(root):
+        if d == root and ".mybox" in dirs:
+            dirs.remove(".mybox")
+        n += len(dirs) + len(files)
+    return n
+
+
+def wait_synced(b, expect_entries, timeout=3600):
+    """Until b is connected, has nothing left to pull and holds as many entries as the source."""
+    t_end = time.time() + timeout
+    pause = float(os.environ.get("POLL", "0.02"))
+    while time.time() < t_end:
+        t0 = time.time()
+        st = b.status()
+        took = time.time() - t0
+        if st and st["peers"] and st["peers"][0]["connected"] and st["to_pull_files"] == 0 \
+                and st["files"] >= expect_entries:
+            return
+        time.sleep(max(pause, 2 * took))
+    raise SystemExit("mybox did not finish in time")
+
+
+def fresh(name):
+    d = os.path.join(BASE, name)
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    return d
+
+
+def same_tree(x, y):
+    r = subprocess.run(["diff", "-r", "-q", "-x", ".mybox", "-x", ".unison*", x, y],
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+# ---------------------------------------------------------------- datasets
+
+def dataset_std():
+    sysroot = run("rustc", "--print", "sysroot").stdout.strip()
+    return os.path.join(sysroot, "share/doc/rust/html/std")
+
+
+def dataset_small(n=10000):
+    d = os.path.join(BASE, f"data-{n}x4k")
+    if not os.path.exists(d):
+        os.makedirs(d)
+        rnd = random.Random(1)
+        for i in range(n):
+            sub = os.path.join(d, f"d{i // 500:03}")
+            os.makedirs(sub, exist_ok=True)
+            with open(os.path.join(sub, f"f{i:05}"), "wb") as f:
+                f.write(rnd.randbytes(4096))
+    return d
+
+
+# ---------------------------------------------------------------- tools
+
+def initial_mybox(src):
+    w = fresh("mybox-init")
+    a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
+    pair(a, b)
+    shutil.copytree(src, os.path.join(a.root, "data"), symlinks=True)
+    expect = count_entries(a.root)
+    a.start()                      # returns once A has scanned (and hashed) its store
+    t0 = time.time()
+    b.start()
+    wait_synced(b, expect)
+    t = time.time() - t0
+    ok = same_tree(os.path.join(a.root, "data"), os.path.join(b.root, "data"))
+    rss = max(a.rss_peak_kb(), b.rss_peak_kb())
+    a.stop(); b.stop()
+    return t, ok, rss
+
+
+def initial_rsync(src):
+    if not shutil.which("rsync"):
+        return None
+    w = fresh("rsync-init")
+    dst = os.path.join(w, "B")
+    t0 = time.time()
+    run("rsync", "-a", src + "/", dst + "/")
+    return time.time() - t0
+
+
+def initial_unison(src):
+    if not shutil.which("unison"):
+        return None
+    w = fresh("unison-init")
+    a, b = os.path.join(w, "A"), os.path.join(w, "B")
+    shutil.copytree(src, a, symlinks=True)
+    os.makedirs(b)
+    env = {**os.environ, "UNISON": os.path.join(w, ".unison")}
+    t0 = time.time()
+    subprocess.run(["unison", a, b, "-batch", "-auto", "-times", "-silent", "-confirmbigdel=false"],
+                   check=True, capture_output=True, env=env)
+    return time.time() - t0
+
+
+class Syncthing:
+    """Two Syncthing instances on loopback, driven through their REST API."""
+    KEY = "mybox-bench-key"
+
+    def __init__(self, w):
+        self.w = w
+        self.nodes = {}
+        for n in ("A", "B"):
+            home = os.path.join(w, f"st-{n}")
+            run("syncthing", "generate", f"--home={home}", "--no-default-folder")
+            cert_id = run("syncthing", "--home", home, "--device-id").stdout.strip()
+            self.nodes[n] = {"home": home, "id": cert_id, "gui": free_port(), "listen": free_port(),
+                             "folder": os.path.join(w, n)}
+            os.makedirs(self.nodes[n]["folder"], exist_ok=True)
+
+    def configure(self, paused_b):
+        import xml.etree.ElementTree as ET
+        for n, me in self.nodes.items():
+            other = self.nodes["B" if n == "A" else "A"]
+            cfg = os.path.join(me["home"], "config.xml")
+            tree = ET.parse(cfg); root = tree.getroot()
+            for f in root.findall("folder"):
+                root.remove(f)
+            for d in root.findall("device"):
+                if d.get("id") != me["id"]:
+                    root.remove(d)
+            dev = ET.SubElement(root, "device", id=other["id"], name=f"peer", compression="never",
+                                introducer="false", skipIntroductionRemovals="false", introducedBy="")
+            ET.SubElement(dev, "address").text = f"tcp://127.0.0.1:{other['listen']}"
+            folder = ET.SubElement(root, "folder", id="bench", label="bench", path=me["folder"],
+                                   type="sendreceive", rescanIntervalS="3600", fsWatcherEnabled="true",
+                                   fsWatcherDelayS="1", ignorePerms="false", autoNormalize="true")
+            ET.SubElement(folder, "device", id=me["id"])
+            ET.SubElement(folder, "device", id=other["id"])
+            ET.SubElement(folder, "paused").text = "true" if (paused_b and n == "B") else "false"
+            gui = root.find("gui"); gui.set("enabled", "true"); gui.set("tls", "false")
+            gui.find("address").text = f"127.0.0.1:{me['gui']}"
+            k = gui.find("apikey")
+            if k is None:
+                k = ET.SubElement(gui, "apikey")
+            k.text = self.KEY
+            opts = root.find("options")
+            for tag, val in (("listenAddress", f"tcp://127.0.0.1:{me['listen']}"),
+                             ("globalAnnounceEnabled", "false"), ("localAnnounceEnabled", "false"),
+                             ("relaysEnabled", "false"), ("natEnabled", "false"),
+                             ("urAccepted", "-1"), ("startBrowser", "false"), ("crashReportingEnabled", "false")):
+                e = opts.find(tag)
+                if e is None:
+                    e = ET.SubElement(opts, tag)
+                e.text = val
+            tree.write(cfg)
+
+    def start(self):
+        for n, me in self.nodes.items():
+            p = subprocess.Popen(["syncthing", "serve", "--home", me["home"], "--no-browser",
+                                  "--no-restart", "--no-upgrade"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, "STNOUPGRADE": "1"})
+            PROCS.append(p)
+            me["proc"] = p
+        for n in self.nodes:
+            self.wait(lambda: self.api(n, "/rest/system/ping"), 60)
+
+    def api(self, n, path, method="GET", body=None):
+        url = f"http://127.0.0.1:{self.nodes[n]['gui']}{path}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"X-API-Key": self.KEY, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else {}
+        except Exception:
+            return None
+
+    @staticmethod
+    def wait(cond, timeout):
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            try:
+                if cond():
+                    return True
+            except Exception:
+                pass
+            time.sleep(0.02)
+        raise SystemExit("syncthing: timed out")
+
+    def idle(self, n, expect_files):
+        st = self.api(n, "/rest/db/status?folder=bench")
+        return st and st.get("state") == "idle" and st.get("needFiles") == 0 \
+            and st.get("localFiles", 0) + st.get("localDirectories", 0) >= expect_files
+
+    def stop(self):
+        for me in self.nodes.values():
+            if "proc" in me:
+                stop(me["proc"])
+
+
+def initial_syncthing(src):
+    if not shutil.which("syncthing"):
+        return None
+    w = fresh("syncthing-init")
+    st = Syncthing(w)
+    shutil.rmtree(st.nodes["A"]["folder"])
+    shutil.copytree(src, st.nodes["A"]["folder"], symlinks=True)
+    expect = count_entries(st.nodes["A"]["folder"])
+    st.configure(paused_b=True)
+    try:
+        st.start()
+        st.wait(lambda: st.idle("A", expect), 600)
+        st.wait(lambda: st.api("A", "/rest/system/connections")["connections"][st.nodes["B"]["id"]]["connected"], 60)
+        t0 = time.time()
+        st.api("B", "/rest/db/scan?folder=bench", "POST")
+        cfg = st.api("B", "/rest/config/folders/bench")
+        cfg["paused"] = False
+        st.api("B", "/rest/config/folders/bench", "PUT", cfg)
+        st.wait(lambda: st.idle("B", expect), 1800)
+        return time.time() - t0
+    finally:
+        st.stop()
+
+
+# ---------------------------------------------------------------- latency and delta
+
+def propagation_mybox(n=20):
+    w = fresh("mybox-latency")
+    a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
+    pair(a, b)
+    a.start(); b.start()
+    wait_synced(b, 0)
+    times = []
+    for i in range(n):
+        data = os.urandom(1024)
+        name = f"lat-{i}.bin"
+        t0 = time.time()
+        with open(os.path.join(a.root, name), "wb") as f:
+            f.write(data)
+        target = os.path.join(b.root, name)
+        while True:
+            try:
+                with open(target, "rb") as f:
+                    if f.read() == data:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.001)
+            if time.time() - t0 > 30:
+                raise SystemExit("propagation timed out")
+        times.append(time.time() - t0)
+        time.sleep(0.1)
+    a.stop(); b.stop()
+    return pct(times)
+
+
+def propagation_syncthing(n=20):
+    if not shutil.which("syncthing"):
+        return None
+    w = fresh("syncthing-latency")
+    st = Syncthing(w)
+    st.configure(paused_b=False)
+    try:
+        st.start()
+        st.wait(lambda: st.api("A", "/rest/system/connections")["connections"][st.nodes["B"]["id"]]["connected"], 60)
+        st.wait(lambda: st.idle("B", 0), 60)
+        times = []
+        for i in range(n):
+            data = os.urandom(1024)
+            t0 = time.time()
+            with open(os.path.join(st.nodes["A"]["folder"], f"lat-{i}.bin"), "wb") as f:
+                f.write(data)
+            target = os.path.join(st.nodes["B"]["folder"], f"lat-{i}.bin")
+            while True:
+                try:
+                    with open(target, "rb") as f:
+                        if f.read() == data:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.002)
+                if time.time() - t0 > 60:
+                    raise SystemExit("syncthing propagation timed out")
+            times.append(time.time() - t0)
+        return pct(times)
+    finally:
+        st.stop()
+
+
+def pct(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2], xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+
+
+def tcp_bytes(pid):
+    """Bytes sent plus received by the TCP sockets of process `pid` (tcp_info counters). Loopback
+    shows both ends of every connection, so only the sender's own sockets are counted."""
+    out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True, text=True).stdout
+    total = 0
+    sock = ""
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            sock = line
+            continue
+        if f"pid={pid}," not in sock:
+            continue
+        for tok in line.split():
+            for key in ("bytes_acked:", "bytes_received:"):
+                if tok.startswith(key):
+                    total += int(tok[len(key):])
+    return total
+
+
+def one_byte_mybox(size):
+    w = fresh("mybox-1g")
+    a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
+    pair(a, b)
+    path = os.path.join(a.root, "big.bin")
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for i in range(size >> 20):
+            f.write(chunk[i % 7:] + chunk[:i % 7])
+    a.start(); b.start()
+    wait_synced(b, 1)
+    time.sleep(1)
+    before = tcp_bytes(a.proc.pid)
+    t0 = time.time()
+    with open(path, "r+b") as f:
+        f.seek(size // 2 + 12345)
+        old = f.read(1)
+        f.seek(size // 2 + 12345)
+        new = bytes([old[0] ^ 0xFF])
+        f.write(new)
+    target = os.path.join(b.root, "big.bin")
+    while True:
+        st = b.status()
+        if st and st["to_pull_files"] == 0:
+            with open(target, "rb") as f:
+                f.seek(size // 2 + 12345)
+                if f.read(1) == new:
+                    break
+        time.sleep(0.02)
+        if time.time() - t0 > 600:
+            raise SystemExit("one-byte change never arrived")
+    t = time.time() - t0
+    time.sleep(0.5)
+    moved = tcp_bytes(a.proc.pid) - before
+    a.stop(); b.stop()
+    return t, moved
+
+
+def memory_100k(n=100000):
+    d = os.path.join(BASE, f"data-{n}x1")
+    if not os.path.exists(d):
+        os.makedirs(d)
+        for i in range(n):
+            sub = os.path.join(d, f"d{i // 1000:03}")
+            os.makedirs(sub, exist_ok=True)
+            with open(os.path.join(sub, f"f{i:06}"), "wb") as f:
+                f.write(b"%d" % i)
+    w = fresh("mybox-100k")
+    a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
+    pair(a, b)
+    shutil.copytree(d, os.path.join(a.root, "data"))
+    expect = count_entries(a.root)
+    t0 = time.time()
+    a.start()
+    scan = time.time() - t0
+    t0 = time.time()
+    b.start()
+    wait_synced(b, expect, timeout=3600)
+    t = time.time() - t0
+    rss = (a.rss_peak_kb(), b.rss_peak_kb())
+    a.stop(); b.stop()
+    return scan, t, rss
+
+
+def fmt_t(x):
+    return "n/a" if x is None else f"{x:.2f} s"
+
+
+class Rows(list):
+    """Rows of the table, each also logged as soon as it is measured."""
+    def append(self, r):
+        log("result:", " | ".join(str(c) for c in r))
+        super().append(r)
+
+
+def main():
+    os.makedirs(BASE, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    rows = Rows()
+    try:
+        std = dataset_std()
+        small = dataset_small(2000 if QUICK else 10000)
+        for label, src in ((f"initial sync: rust std docs ({count_entries(std)} entries)", std),
+                           (f"initial sync: {'2,000' if QUICK else '10,000'} x 4 KiB files", small)):
+            log(label)
+            t, ok, rss = initial_mybox(src)
+            rows.append((label, f"{t:.2f} s{'' if ok else ' (TREES DIFFER)'}, peak RSS {rss // 1024} MB",
+                         fmt_t(initial_rsync(src)), fmt_t(initial_unison(src)), fmt_t(initial_syncthing(src))))
+        log("propagation")
+        p50, p95 = propagation_mybox()
+        stp = propagation_syncthing()
+        rows.append(("new 1 KiB file: propagation p50 / p95 (20 runs)",
+                     f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms", "n/a (not continuous)", "n/a (not continuous)",
+                     "n/a" if stp is None else f"{stp[0] * 1000:.0f} / {stp[1] * 1000:.0f} ms"))
+        if "--skip-1g" not in ARGS:
+            size = (256 if QUICK else 1024) << 20
+            log(f"one-byte change in a {size >> 20} MiB file")
+            t, moved = one_byte_mybox(size)
+            rows.append((f"one byte changed in a {size >> 20} MiB file: time, bytes on the wire",
+                         f"{t:.2f} s, {moved / 1024:.0f} KiB", "", "", ""))
+        if "--skip-100k" not in ARGS:
+            n = 20000 if QUICK else 100000
+            log(f"{n} files: memory")
+            scan, t, (ra, rb) = memory_100k(n)
+            rows.append((f"{n} files: first scan, initial sync, peak RSS sender / receiver",
+                         f"{scan:.1f} s, {t:.1f} s, {ra // 1024} / {rb // 1024} MB", "", "", ""))
+    finally:
+        stop_all()
+    head = ("measure", "mybox", "rsync -a", "unison", "syncthing")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print(line)
+    print("|".join(f" {h:<{w}} " for h, w in zip(head, widths)))
+    print(line)
+    for r in rows:
+        print("|".join(f" {str(c):<{w}} " for c, w in zip(r, widths)))
+    print(line)
+
+
+main()
+PY

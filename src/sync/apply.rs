@@ -1,0 +1,582 @@
+//! The applier: the file system side of a plan. Every change is built aside and committed under
+//! the path's exclusive lock and the index lock, after checking that the disk still holds exactly
+//! what the plan was made from (so an edit the scanner has not seen yet is never overwritten: the
+//! path is rescanned and planned again). Files are built in `.mybox/tmp/sync/` from local blocks
+//! (verified) and fetched ones, fsynced, given their mode and mtime, then renamed into place; the
+//! index record is written with the stat key of the result so the scanner sees no change.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::hashing::StatKey;
+use crate::index::Stored;
+use crate::locks::{LockManager, Mode};
+use crate::model::{Kind, Record, BLOCK_SIZE};
+use crate::paths::{open_beneath, resolve_no_follow, RelPath};
+use crate::query::LocalBox;
+use crate::sync::store::SyncDb;
+
+/// How long the applier waits for a local writer before trying the path again later.
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}: changed locally since it was scanned; rescanning")]
+    LocalChange(RelPath),
+    #[error("{0}: busy (being written)")]
+    Busy(RelPath),
+    #[error("{0}: directory not empty")]
+    NotEmpty(RelPath),
+    #[error("{0}: no connection to the peer that has it")]
+    Unavailable(RelPath),
+    #[error("disk full: {0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<io::Error> for ApplyError {
+    fn from(e: io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            ApplyError::NoSpace(e.to_string())
+        } else {
+            ApplyError::Other(e.to_string())
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApplyError {
+    fn from(e: anyhow::Error) -> Self {
+        for cause in e.chain() {
+            if let Some(io) = cause.downcast_ref::<io::Error>() {
+                if io.raw_os_error() == Some(libc::ENOSPC) {
+                    return ApplyError::NoSpace(format!("{e:#}"));
+                }
+            }
+        }
+        ApplyError::Other(format!("{e:#}"))
+    }
+}
+
+fn ctx_err(what: impl std::fmt::Display, e: io::Error) -> ApplyError {
+    match ApplyError::from(e) {
+        ApplyError::NoSpace(m) => ApplyError::NoSpace(format!("{what}: {m}")),
+        ApplyError::Other(m) => ApplyError::Other(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
+pub struct Applier {
+    pub root: PathBuf,
+    pub tmp: PathBuf,
+    pub local: Arc<LocalBox>,
+    pub locks: Arc<LockManager>,
+    pub db: Arc<Mutex<SyncDb>>,
+}
+
+/// A temp file that is removed unless it was renamed into place.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A file being built in the temp folder.
+pub struct Building {
+    pub rec: Record,
+    pub file: File,
+    guard: TempGuard,
+    /// Block indices still to fetch from the peer.
+    pub missing: Vec<u64>,
+    /// Bytes taken from local files instead of the network.
+    pub reused: u64,
+}
+
+impl Building {
+    pub fn block_len(&self, i: u64) -> u64 {
+        BLOCK_SIZE.min(self.rec.size.saturating_sub(i * BLOCK_SIZE))
+    }
+
+    /// Write a fetched block after checking it is what the record says.
+    pub fn write_block(&self, i: u64, data: &[u8]) -> Result<(), ApplyError> {
+        let want = self.rec.blocks.get(i as usize).ok_or_else(|| {
+            ApplyError::Other(format!("{}: block {i} out of range", self.rec.path))
+        })?;
+        if data.len() as u64 != self.block_len(i) || <[u8; 32]>::from(Sha256::digest(data)) != *want
+        {
+            return Err(ApplyError::Other(format!(
+                "{}: block {i} from the peer does not match its hash",
+                self.rec.path
+            )));
+        }
+        self.file
+            .write_all_at(data, i * BLOCK_SIZE)
+            .map_err(|e| ctx_err(&self.rec.path, e))
+    }
+}
+
+fn lstat(p: &Path) -> io::Result<Option<std::fs::Metadata>> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn same_version(a: Option<&Record>, b: Option<&Record>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.version == b.version && a.deleted == b.deleted,
+        _ => false,
+    }
+}
+
+impl Applier {
+    fn full(&self, path: &RelPath) -> Result<PathBuf, ApplyError> {
+        resolve_no_follow(&self.root, path).map_err(|e| ApplyError::Other(e.to_string()))
+    }
+
+    pub fn stored(&self, path: &RelPath) -> Result<Option<Stored>, ApplyError> {
+        let ix = self
+            .local
+            .index
+            .lock()
+            .map_err(|_| ApplyError::Other("index lock poisoned".into()))?;
+        Ok(ix.get(path)?)
+    }
+
+    /// Does the disk hold exactly what the index says about `path`?
+    fn disk_matches(&self, path: &RelPath, st: Option<&Stored>) -> Result<bool, ApplyError> {
+        let full = self.full(path)?;
+        let md = lstat(&full).map_err(|e| ctx_err(path, e))?;
+        let live = st.filter(|s| !s.record.deleted);
+        Ok(match (live, md) {
+            (None, None) => true,
+            (None, Some(_)) | (Some(_), None) => false,
+            (Some(s), Some(md)) => match s.record.kind {
+                Kind::File => md.is_file() && s.stat == Some(StatKey::of(&md)),
+                Kind::Dir => md.is_dir(),
+                Kind::Symlink => {
+                    md.file_type().is_symlink()
+                        && std::fs::read_link(&full)
+                            .ok()
+                            .map(|t| t.to_string_lossy().into_owned())
+                            == s.record.target
+                }
+            },
+        })
+    }
+
+    /// Check, change the disk with `op`, store `rec`: all under the path's exclusive lock and the
+    /// index lock, so neither a local writer nor the scanner can slip in between.
+    fn commit(
+        &self,
+        rec: Record,
+        expected: Option<&Record>,
+        op: impl FnOnce(&Path, Option<&Stored>) -> Result<Option<StatKey>, ApplyError>,
+    ) -> Result<(), ApplyError> {
+        let path = rec.path.clone();
+        let _g = self
+            .locks
+            .lock(&path, Mode::Exclusive, LOCK_WAIT)
+            .ok_or_else(|| ApplyError::Busy(path.clone()))?;
+        let ix = self
+            .local
+            .index
+            .lock()
+            .map_err(|_| ApplyError::Other("index lock poisoned".into()))?;
+        let cur = ix.get(&path)?;
+        if !same_version(cur.as_ref().map(|s| &s.record), expected)
+            || !self.disk_matches(&path, cur.as_ref())?
+        {
+            return Err(ApplyError::LocalChange(path));
+        }
+        let full = self.full(&path)?;
+        let stat = op(&full, cur.as_ref())?;
+        let mut rec = rec;
+        rec.sequence = ix.next_sequence()?;
+        ix.put(&rec, stat)?;
+        drop(ix);
+        let blocks: &[[u8; 32]] = if rec.kind == Kind::File && !rec.deleted {
+            &rec.blocks
+        } else {
+            &[]
+        };
+        if let Ok(mut db) = self.db.lock() {
+            if let Err(e) = db.set_blocks(&path, blocks) {
+                tracing::warn!("block table: {e:#}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Create missing parent directories of `path`; returns the ones created (to be scanned).
+    fn make_parents(&self, path: &RelPath) -> Result<Vec<RelPath>, ApplyError> {
+        let mut created = Vec::new();
+        let mut missing = Vec::new();
+        let mut p = path.parent();
+        while let Some(dir) = p {
+            if dir.is_root() {
+                break;
+            }
+            let full = self.full(&dir)?;
+            match lstat(&full).map_err(|e| ctx_err(&dir, e))? {
+                Some(md) if md.is_dir() => break,
+                Some(_) => {
+                    return Err(ApplyError::Other(format!(
+                        "{path}: parent {dir} exists and is not a directory"
+                    )))
+                }
+                None => missing.push(dir.clone()),
+            }
+            p = dir.parent();
+        }
+        for dir in missing.into_iter().rev() {
+            let full = self.full(&dir)?;
+            match std::fs::create_dir(&full) {
+                Ok(()) => created.push(dir),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(ctx_err(&dir, e)),
+            }
+        }
+        Ok(created)
+    }
+
+    /// Move the local version of a path aside to `loser` (never over an existing path).
+    fn move_aside(&self, full: &Path, loser: &RelPath) -> Result<RelPath, ApplyError> {
+        let mut target = loser.clone();
+        for i in 1..100 {
+            let lf = self.full(&target)?;
+            if lstat(&lf).map_err(|e| ctx_err(&target, e))?.is_none() {
+                std::fs::rename(full, &lf).map_err(|e| ctx_err(&target, e))?;
+                return Ok(target);
+            }
+            let name = format!("{}~{i}", loser.file_name());
+            target = loser
+                .parent()
+                .unwrap_or_else(RelPath::root)
+                .join(&name)
+                .map_err(|e| ApplyError::Other(e.to_string()))?;
+        }
+        Err(ApplyError::Other(format!("{loser}: no free conflict name")))
+    }
+
+    /// Remove whatever is at `full` so a different kind can take its place.
+    fn clear(&self, path: &RelPath, full: &Path) -> Result<(), ApplyError> {
+        match lstat(full).map_err(|e| ctx_err(path, e))? {
+            None => Ok(()),
+            Some(md) if md.is_dir() => match std::fs::remove_dir(full) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                    Err(ApplyError::NotEmpty(path.clone()))
+                }
+                Err(e) => Err(ctx_err(path, e)),
+            },
+            Some(_) => std::fs::remove_file(full).map_err(|e| ctx_err(path, e)),
+        }
+    }
+
+    /// Start building a file: a temp file holding every block available locally.
+    pub fn prepare_file(&self, rec: &Record) -> Result<Building, ApplyError> {
+        std::fs::create_dir_all(&self.tmp).map_err(|e| ctx_err("temp folder", e))?;
+        let tmp_path = self
+            .tmp
+            .join(format!("{:016x}.part", rand::random::<u64>()));
+        let guard = TempGuard(Some(tmp_path.clone()));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)
+            .map_err(|e| ctx_err("creating temp file", e))?;
+        let nblocks = rec.blocks.len() as u64;
+        let mut have = vec![false; nblocks as usize];
+        let mut reused = 0u64;
+
+        // The previous version of the same file: most blocks of an edited file are unchanged, so
+        // clone it whole (copy_file_range, in the kernel) and patch the rest.
+        let old = self
+            .stored(&rec.path)?
+            .filter(|s| s.record.kind == Kind::File && !s.record.deleted && s.record.is_hashed());
+        if let Some(old) = old {
+            let same: usize = rec
+                .blocks
+                .iter()
+                .zip(old.record.blocks.iter())
+                .filter(|(a, b)| a == b)
+                .count();
+            if same > 0 && same * 2 >= rec.blocks.len() {
+                if self.full(&rec.path).is_ok() {
+                    if let Ok(mut src) = open_beneath(&self.root, &rec.path) {
+                        let before = src.metadata().map(|m| StatKey::of(&m)).ok();
+                        if before.is_some() && before == old.stat {
+                            let copied = io::copy(&mut src, &mut file)
+                                .map_err(|e| ctx_err("copying the previous version", e))?;
+                            let after = src.metadata().map(|m| StatKey::of(&m)).ok();
+                            if after == before && copied == old.record.size {
+                                for (i, (a, b)) in
+                                    rec.blocks.iter().zip(old.record.blocks.iter()).enumerate()
+                                {
+                                    if a == b {
+                                        have[i] = true;
+                                        reused += BLOCK_SIZE.min(rec.size - i as u64 * BLOCK_SIZE);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // Any other local file holding a block with the same hash (renames, copies, moves).
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut missing = Vec::new();
+        for i in 0..nblocks {
+            if have[i as usize] {
+                continue;
+            }
+            let want = rec.blocks[i as usize];
+            let len = BLOCK_SIZE.min(rec.size - i * BLOCK_SIZE) as usize;
+            let candidates = match self.db.lock() {
+                Ok(db) => db.find_block(&want).unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let mut found = false;
+            for (p, idx) in candidates {
+                let Ok(src) = open_beneath(&self.root, &p) else {
+                    continue;
+                };
+                let chunk = &mut buf[..len];
+                if src.read_exact_at(chunk, idx * BLOCK_SIZE).is_err() {
+                    continue;
+                }
+                if <[u8; 32]>::from(Sha256::digest(&*chunk)) != want {
+                    continue;
+                }
+                file.write_all_at(chunk, i * BLOCK_SIZE)
+                    .map_err(|e| ctx_err(&rec.path, e))?;
+                reused += len as u64;
+                found = true;
+                break;
+            }
+            if !found {
+                missing.push(i);
+            }
+        }
+        Ok(Building {
+            rec: rec.clone(),
+            file,
+            guard,
+            missing,
+            reused,
+        })
+    }
+
+    /// Finish a built file and put it in place (moving the local version to `loser` first when
+    /// this resolves a conflict). Returns paths to scan (created parents, the conflict copy).
+    pub fn finish_file(
+        &self,
+        b: Building,
+        expected: Option<&Record>,
+        loser: Option<&RelPath>,
+    ) -> Result<Vec<RelPath>, ApplyError> {
+        let Building {
+            rec,
+            mut file,
+            mut guard,
+            ..
+        } = b;
+        let path = rec.path.clone();
+        file.set_len(rec.size).map_err(|e| ctx_err(&path, e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(rec.mode & 0o7777))
+            .map_err(|e| ctx_err(&path, e))?;
+        let mtime = filetime::FileTime::from_unix_time(
+            rec.mtime_ns.div_euclid(1_000_000_000),
+            rec.mtime_ns.rem_euclid(1_000_000_000) as u32,
+        );
+        filetime::set_file_handle_times(&file, None, Some(mtime)).map_err(|e| ctx_err(&path, e))?;
+        file.sync_all().map_err(|e| ctx_err(&path, e))?;
+        // Check the whole content once more against the record's file hash when it is small;
+        // large files were verified block by block as they were written.
+        if rec.size <= 4 * 1024 * 1024 {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| ctx_err(&path, e))?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| ctx_err(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            if Some(<[u8; 32]>::from(h.finalize())) != rec.sha256 {
+                return Err(ApplyError::Other(format!(
+                    "{path}: assembled file does not match its hash"
+                )));
+            }
+        }
+        drop(file);
+        let tmp_path = guard
+            .0
+            .clone()
+            .ok_or_else(|| ApplyError::Other("temp file vanished".into()))?;
+        let mut to_scan = self.make_parents(&path)?;
+        let rec_path = path.clone();
+        self.commit(rec, expected, |full, _cur| {
+            if let Some(l) = loser {
+                if lstat(full).map_err(|e| ctx_err(&rec_path, e))?.is_some() {
+                    to_scan.push(self.move_aside(full, l)?);
+                }
+            } else if lstat(full)
+                .map_err(|e| ctx_err(&rec_path, e))?
+                .is_some_and(|m| m.is_dir())
+            {
+                self.clear(&rec_path, full)?;
+            }
+            std::fs::rename(&tmp_path, full).map_err(|e| ctx_err(&rec_path, e))?;
+            guard.0 = None;
+            let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(&rec_path, e))?;
+            Ok(Some(StatKey::of(&md)))
+        })?;
+        Ok(to_scan)
+    }
+
+    /// The local file already has the record's content: only mode and mtime change.
+    pub fn set_meta(&self, rec: Record, expected: Option<&Record>) -> Result<(), ApplyError> {
+        let path = rec.path.clone();
+        let (mode, mtime_ns, kind) = (rec.mode, rec.mtime_ns, rec.kind);
+        self.commit(rec, expected, |full, cur| {
+            if kind != Kind::Symlink {
+                std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| ctx_err(&path, e))?;
+            }
+            if kind == Kind::File {
+                let t = filetime::FileTime::from_unix_time(
+                    mtime_ns.div_euclid(1_000_000_000),
+                    mtime_ns.rem_euclid(1_000_000_000) as u32,
+                );
+                filetime::set_file_mtime(full, t).map_err(|e| ctx_err(&path, e))?;
+            }
+            let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(&path, e))?;
+            let _ = cur;
+            Ok(Some(StatKey::of(&md)))
+        })
+    }
+
+    /// Make a directory or symlink (moving the local version aside first on a conflict).
+    pub fn install_other(
+        &self,
+        rec: Record,
+        expected: Option<&Record>,
+        loser: Option<&RelPath>,
+    ) -> Result<Vec<RelPath>, ApplyError> {
+        let path = rec.path.clone();
+        let mut to_scan = self.make_parents(&path)?;
+        let kind = rec.kind;
+        let mode = rec.mode;
+        let target = rec.target.clone().unwrap_or_default();
+        let mtime_ns = rec.mtime_ns;
+        let tmp = self.tmp.clone();
+        self.commit(rec, expected, |full, _cur| {
+            let existing = lstat(full).map_err(|e| ctx_err(&path, e))?;
+            if let (Some(l), Some(_)) = (loser, &existing) {
+                to_scan.push(self.move_aside(full, l)?);
+            }
+            match kind {
+                Kind::Dir => {
+                    if let Some(md) = lstat(full).map_err(|e| ctx_err(&path, e))? {
+                        if !md.is_dir() {
+                            self.clear(&path, full)?;
+                        }
+                    }
+                    match std::fs::create_dir(full) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(ctx_err(&path, e)),
+                    }
+                    std::fs::set_permissions(full, std::fs::Permissions::from_mode(mode & 0o7777))
+                        .map_err(|e| ctx_err(&path, e))?;
+                }
+                Kind::Symlink => {
+                    if lstat(full)
+                        .map_err(|e| ctx_err(&path, e))?
+                        .is_some_and(|m| m.is_dir())
+                    {
+                        self.clear(&path, full)?;
+                    }
+                    std::fs::create_dir_all(&tmp).map_err(|e| ctx_err("temp folder", e))?;
+                    let t = tmp.join(format!("{:016x}.link", rand::random::<u64>()));
+                    let guard = TempGuard(Some(t.clone()));
+                    std::os::unix::fs::symlink(&target, &t).map_err(|e| ctx_err(&path, e))?;
+                    let ft = filetime::FileTime::from_unix_time(
+                        mtime_ns.div_euclid(1_000_000_000),
+                        mtime_ns.rem_euclid(1_000_000_000) as u32,
+                    );
+                    filetime::set_symlink_file_times(&t, ft, ft).map_err(|e| ctx_err(&path, e))?;
+                    std::fs::rename(&t, full).map_err(|e| ctx_err(&path, e))?;
+                    let mut guard = guard;
+                    guard.0 = None;
+                }
+                Kind::File => return Err(ApplyError::Other("files go through finish_file".into())),
+            }
+            let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(&path, e))?;
+            Ok(Some(StatKey::of(&md)))
+        })?;
+        Ok(to_scan)
+    }
+
+    /// Remove the local path (it must be what the index says) and store the tombstone.
+    pub fn delete(&self, rec: Record, expected: Option<&Record>) -> Result<(), ApplyError> {
+        let path = rec.path.clone();
+        self.commit(rec, expected, |full, _| {
+            self.clear(&path, full)?;
+            Ok(None)
+        })
+    }
+
+    /// Store a record whose state the disk already has.
+    pub fn record_only(&self, rec: Record, expected: Option<&Record>) -> Result<(), ApplyError> {
+        self.commit(rec, expected, |_, cur| Ok(cur.and_then(|s| s.stat)))
+    }
+}
+
+/// Remove leftovers of an interrupted run from the temp folder.
+pub fn clear_tmp(tmp: &Path) {
+    if let Ok(rd) = std::fs::read_dir(tmp) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(err) = r {
+                tracing::warn!("cannot remove leftover {}: {err}", p.display());
+            }
+        }
+    }
+}
+
+/// Read one block of a local file for a peer, refusing if it does not hash to `want`.
+pub fn read_block(f: &File, i: u64, size: u64, want: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
+    let len = BLOCK_SIZE.min(size.saturating_sub(i * BLOCK_SIZE)) as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, i * BLOCK_SIZE)?;
+    if <[u8; 32]>::from(Sha256::digest(&buf)) != *want {
+        return Ok(None);
+    }
+    Ok(Some(buf))
+}

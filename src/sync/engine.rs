@@ -1,0 +1,1307 @@
+//! The engine of a running daemon: peer sessions (dial with backoff, one connection per peer,
+//! incremental index exchange), the scanner loop (inotify paths, debounced, and periodic full
+//! rescans) and the puller (plan each changed path, apply through [`Applier`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::identity::DeviceId;
+use crate::model::{Kind, Record, VvOrder};
+use crate::net::rpc::{Conn, Handler, Responder, RpcError};
+use crate::paths::RelPath;
+use crate::protocol::{ErrorCode, Request, Response};
+use crate::scan::{self, HashWanted, IgnoreRules};
+use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
+use crate::sync::apply::{self, Applier, ApplyError};
+use crate::sync::planner::{self, Action};
+use crate::sync::proto::{self, SyncRequest, SyncResponse};
+use crate::sync::store::SyncDb;
+
+/// Events are collected this long after the first one before a scan runs.
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// Pull slots: a small file takes one, a big one up to `BIG_FILE_SLOTS`, so many small files
+/// overlap their round trips while a few big ones bound the memory held in flight.
+const PULL_SLOTS: u32 = 32;
+const BIG_FILE_SLOTS: u32 = 8;
+/// More distinct changed paths than this in one debounce window: scan the whole store.
+const MAX_SCAN_ROOTS: usize = 64;
+
+#[derive(Default)]
+struct PeerSlot {
+    conn: Option<Conn>,
+    dialled_by_me: bool,
+    hint: Arc<Notify>,
+    last_error: Option<String>,
+    connected_since: Option<SystemTime>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub bytes_fetched: AtomicU64,
+    pub bytes_reused: AtomicU64,
+    pub files_pulled: AtomicU64,
+    pub deleted: AtomicU64,
+    pub conflicts: AtomicU64,
+}
+
+pub struct Engine {
+    ctx: Arc<ServerCtx>,
+    me: u64,
+    my_id: DeviceId,
+    applier: Arc<Applier>,
+    db: Arc<Mutex<SyncDb>>,
+    peers: Mutex<HashMap<DeviceId, PeerSlot>>,
+    dialers: Mutex<BTreeSet<DeviceId>>,
+    dirty: Mutex<BTreeSet<RelPath>>,
+    retry: Mutex<BTreeMap<RelPath, Instant>>,
+    pull_wake: Notify,
+    scan_tx: mpsc::UnboundedSender<RelPath>,
+    seq_tx: watch::Sender<u64>,
+    pub stats: Stats,
+    last_error: Mutex<Option<(String, String)>>,
+    shutdown: watch::Sender<bool>,
+    handler: Arc<dyn Handler>,
+    rescan_every: Duration,
+    busy: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these simple maps leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("worker failed: {e}"))
+}
+
+impl Engine {
+    /// Prepare the engine (clear temp leftovers, scan the store, index local blocks), register it
+    /// with the server and start its tasks.
+    pub async fn start(
+        ctx: Arc<ServerCtx>,
+        rescan_every: Duration,
+    ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+        let b = ctx.local.dir.clone();
+        let tmp = b.tmp_dir().join("sync");
+        std::fs::create_dir_all(&tmp)?;
+        apply::clear_tmp(&tmp);
+        let db = Arc::new(Mutex::new(SyncDb::open(&b)?));
+        let me = ctx.local.device;
+        // First scan: catches everything that happened while no daemon ran, including a file
+        // renamed into place just before a crash (same content as the peer's: a merge, not a
+        // conflict).
+        {
+            let local = ctx.local.clone();
+            let db = db.clone();
+            blocking(move || -> anyhow::Result<()> {
+                let mut ix = local
+                    .index
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock"))?;
+                let s = scan::scan(&local.dir, &mut ix, me, &RelPath::root(), HashWanted::All)?;
+                for e in &s.errors {
+                    tracing::warn!("scan: {e}");
+                }
+                let files: Vec<(RelPath, Vec<[u8; 32]>)> = ix
+                    .live()?
+                    .into_iter()
+                    .filter(|r| r.kind == Kind::File && !r.blocks.is_empty())
+                    .map(|r| (r.path, r.blocks))
+                    .collect();
+                drop(ix);
+                lock(&db).rebuild_blocks(&files)?;
+                Ok(())
+            })
+            .await??;
+        }
+        let max_seq = {
+            let local = ctx.local.clone();
+            blocking(move || {
+                local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.max_sequence().ok())
+            })
+            .await?
+            .unwrap_or(0)
+        };
+        let (scan_tx, scan_rx) = mpsc::unbounded_channel();
+        let (seq_tx, _) = watch::channel(max_seq);
+        let (shutdown, _) = watch::channel(false);
+        let applier = Arc::new(Applier {
+            root: b.root.clone(),
+            tmp,
+            local: ctx.local.clone(),
+            locks: ctx.locks.clone(),
+            db: db.clone(),
+        });
+        let engine = Arc::new(Engine {
+            handler: Arc::new(BoxHandler(ctx.clone())),
+            my_id: ctx.ident.id,
+            ctx: ctx.clone(),
+            me,
+            applier,
+            db,
+            peers: Mutex::new(HashMap::new()),
+            dialers: Mutex::new(BTreeSet::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            retry: Mutex::new(BTreeMap::new()),
+            pull_wake: Notify::new(),
+            scan_tx: scan_tx.clone(),
+            seq_tx,
+            stats: Stats::default(),
+            last_error: Mutex::new(None),
+            shutdown,
+            rescan_every,
+            busy: AtomicU64::new(0),
+        });
+        if ctx.sync.set(engine.clone()).is_err() {
+            anyhow::bail!("a sync engine is already registered");
+        }
+        let watcher = match crate::sync::watch::start(&b.root, scan_tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch {}: {e}; relying on rescans every {}s",
+                    b.root.display(),
+                    rescan_every.as_secs()
+                );
+                None
+            }
+        };
+        tokio::spawn(engine.clone().scanner(scan_rx));
+        tokio::spawn(engine.clone().puller());
+        tokio::spawn(engine.clone().supervisor());
+        // Whatever the stored remote indexes still need (e.g. after a restart).
+        for peer in ctx.peers.current() {
+            engine.mark_need(peer.to_string()).await;
+        }
+        Ok((engine, watcher))
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Stop: tell peers goodbye and let the current file finish (bounded).
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let conns: Vec<Conn> = lock(&self.peers)
+            .values()
+            .filter_map(|s| s.conn.clone())
+            .collect();
+        for c in conns {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(300),
+                c.call(Request::Sync(SyncRequest::Bye)),
+            )
+            .await;
+            c.close();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.busy.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn set_error(&self, msg: String) {
+        tracing::warn!("{msg}");
+        *lock(&self.last_error) = Some((msg, chrono::Utc::now().to_rfc3339()));
+    }
+
+    fn request_scan(&self, p: RelPath) {
+        let _ = self.scan_tx.send(p);
+    }
+
+    fn mark_dirty(&self, paths: impl IntoIterator<Item = RelPath>) {
+        let mut d = lock(&self.dirty);
+        let before = d.len();
+        d.extend(paths);
+        if d.len() != before {
+            drop(d);
+            self.pull_wake.notify_one();
+        }
+    }
+
+    fn retry_later(&self, p: RelPath, after: Duration) {
+        lock(&self.retry).insert(p, Instant::now() + after);
+        self.pull_wake.notify_one();
+    }
+
+    // ---------------------------------------------------------------- scanning
+
+    async fn scanner(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<RelPath>) {
+        let mut tick = tokio::time::interval(self.rescan_every.max(Duration::from_millis(200)));
+        tick.tick().await; // the start-up scan just ran
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let mut set = BTreeSet::new();
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => { set.insert(p); }
+                    None => return,
+                },
+                _ = tick.tick() => { set.insert(RelPath::root()); }
+                _ = stop.changed() => return,
+            }
+            let deadline = tokio::time::Instant::now() + DEBOUNCE;
+            while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                set.insert(p);
+            }
+            while let Ok(p) = rx.try_recv() {
+                set.insert(p);
+            }
+            self.run_scan(set).await;
+        }
+    }
+
+    async fn run_scan(&self, paths: BTreeSet<RelPath>) {
+        let local = self.ctx.local.clone();
+        let db = self.db.clone();
+        let me = self.me;
+        let res = blocking(move || -> anyhow::Result<(Vec<RelPath>, u64)> {
+            let mut ix = local
+                .index
+                .lock()
+                .map_err(|_| anyhow::anyhow!("index lock"))?;
+            // Most events are about our own applies, already indexed with their stat key: drop
+            // those before deciding what to scan, so a burst of received files does not turn
+            // into full rescans.
+            let paths: BTreeSet<RelPath> = paths
+                .into_iter()
+                .filter(|p| !unchanged(&local.dir.root, &ix, p))
+                .collect();
+            let roots = reduce_roots(paths);
+            let mut changed = Vec::new();
+            for r in &roots {
+                let s = scan::scan(&local.dir, &mut ix, me, r, HashWanted::All)?;
+                for e in &s.errors {
+                    tracing::debug!("scan: {e}");
+                }
+                changed.extend(s.changed);
+            }
+            let mut blocks = Vec::new();
+            for p in &changed {
+                let b = ix
+                    .get(p)?
+                    .map(|s| s.record)
+                    .filter(|r| r.kind == Kind::File && !r.deleted)
+                    .map(|r| r.blocks)
+                    .unwrap_or_default();
+                blocks.push((p.clone(), b));
+            }
+            let max = ix.max_sequence()?;
+            drop(ix);
+            let mut db = lock(&db);
+            for (p, b) in blocks {
+                db.set_blocks(&p, &b)?;
+            }
+            Ok((changed, max))
+        })
+        .await;
+        match res {
+            Ok(Ok((changed, max))) => {
+                if !changed.is_empty() {
+                    tracing::debug!("scan: {} changed", changed.len());
+                }
+                self.seq_tx.send_if_modified(|v| {
+                    let m = *v != max;
+                    *v = max;
+                    m
+                });
+            }
+            Ok(Err(e)) | Err(e) => self.set_error(format!("scan failed: {e:#}")),
+        }
+    }
+
+    // ---------------------------------------------------------------- peers
+
+    /// Keep one dialler per pinned peer.
+    async fn supervisor(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            for id in self.ctx.peers.current() {
+                if lock(&self.dialers).insert(id) {
+                    tokio::spawn(self.clone().dial_loop(id));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn connected(&self, id: &DeviceId) -> Option<Conn> {
+        lock(&self.peers)
+            .get(id)
+            .and_then(|s| s.conn.clone())
+            .filter(|c| !c.is_closed())
+    }
+
+    fn conn_for(&self, peer: &str) -> Option<Conn> {
+        let id: DeviceId = peer.parse().ok()?;
+        self.connected(&id)
+    }
+
+    async fn dial_loop(self: Arc<Self>, id: DeviceId) {
+        let mut backoff = BACKOFF_MIN;
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let cfg = match self.ctx.local.dir.load_config() {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            let Some(pc) = cfg.find_peer(&id).cloned() else {
+                lock(&self.dialers).remove(&id);
+                if let Some(c) = self.connected(&id) {
+                    c.close();
+                }
+                return;
+            };
+            if let Some(c) = self.connected(&id) {
+                backoff = BACKOFF_MIN;
+                tokio::select! {
+                    _ = c.closed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            match crate::net::connect(&self.ctx.ident, &pc.addr, id, self.handler.clone()).await {
+                Ok((conn, _task)) => {
+                    tracing::info!("connected to {} at {}", id.short_str(), pc.addr);
+                    backoff = BACKOFF_MIN;
+                    self.adopt(conn, true);
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    tracing::debug!("dial {}: {msg}", id.short_str());
+                    lock(&self.peers).entry(id).or_default().last_error = Some(msg);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Accepted connections are adopted only once they make a sync request (a CLI query uses the
+    /// same identity but never syncs).
+    pub fn on_incoming(&self, _conn: Conn) {}
+
+    fn is_current(&self, conn: &Conn) -> bool {
+        lock(&self.peers)
+            .get(&conn.peer().id)
+            .and_then(|s| s.conn.as_ref())
+            .is_some_and(|c| same_conn(c, conn))
+    }
+
+    /// Make `conn` the connection to its peer, unless a better one exists. When both boxes dial
+    /// each other at once, both keep the connection dialled by the lower device ID.
+    fn adopt(self: &Arc<Self>, conn: Conn, dialled_by_me: bool) {
+        if self.stopping() {
+            conn.close();
+            return;
+        }
+        let id = conn.peer().id;
+        let prefer_mine = self.my_id < id;
+        let mut peers = lock(&self.peers);
+        let slot = peers.entry(id).or_default();
+        if let Some(old) = slot.conn.as_ref().filter(|c| !c.is_closed()) {
+            if same_conn(old, &conn) {
+                return;
+            }
+            if slot.dialled_by_me == prefer_mine || dialled_by_me != prefer_mine {
+                drop(peers);
+                tokio::spawn(say_bye(conn));
+                return;
+            }
+            tokio::spawn(say_bye(old.clone()));
+        }
+        slot.conn = Some(conn.clone());
+        slot.dialled_by_me = dialled_by_me;
+        slot.last_error = None;
+        slot.connected_since = Some(SystemTime::now());
+        let hint = slot.hint.clone();
+        drop(peers);
+        tracing::info!("syncing with {} ({})", id.short_str(), conn.peer().addr);
+        tokio::spawn(self.clone().session(id, conn, hint));
+    }
+
+    async fn session(self: Arc<Self>, id: DeviceId, conn: Conn, hint: Arc<Notify>) {
+        let peer = id.to_string();
+        self.mark_need(peer.clone()).await;
+        // Tell the peer whenever our index advances.
+        let pusher = {
+            let conn = conn.clone();
+            let mut rx = self.seq_tx.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    let max_seq = *rx.borrow_and_update();
+                    let r = conn
+                        .call(Request::Sync(SyncRequest::IndexChanged { max_seq }))
+                        .await;
+                    if let Err(RpcError::Closed) = r {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        loop {
+            if conn.is_closed() || self.stopping() {
+                break;
+            }
+            if let Err(e) = self.pull_index(&peer, &conn).await {
+                if conn.is_closed() {
+                    break;
+                }
+                let msg = format!("index from {}: {e:#}", id.short_str());
+                tracing::warn!("{msg}");
+                lock(&self.peers).entry(id).or_default().last_error = Some(msg);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            tokio::select! {
+                _ = hint.notified() => {}
+                _ = conn.closed() => break,
+                _ = tokio::time::sleep(PING_EVERY) => {
+                    let ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(10), conn.call(Request::Ping)).await,
+                        Ok(Ok(Response::Pong))
+                    );
+                    if !ok {
+                        tracing::info!("peer {} stopped answering pings", id.short_str());
+                        conn.close();
+                        break;
+                    }
+                }
+            }
+        }
+        pusher.abort();
+        let mut peers = lock(&self.peers);
+        if let Some(slot) = peers.get_mut(&id) {
+            if slot.conn.as_ref().is_some_and(|c| same_conn(c, &conn)) {
+                slot.conn = None;
+                slot.connected_since = None;
+                tracing::info!("disconnected from {}", id.short_str());
+            }
+        }
+    }
+
+    /// Ask the peer for everything after our cursor and store it.
+    async fn pull_index(&self, peer: &str, conn: &Conn) -> anyhow::Result<()> {
+        let since = {
+            let db = self.db.clone();
+            let p = peer.to_string();
+            blocking(move || lock(&db).remote_seq(&p)).await??
+        };
+        let mut s = conn
+            .request(Request::Sync(SyncRequest::IndexSince { since }))
+            .await?;
+        let mut paths = Vec::new();
+        while let Some(r) = s.next().await? {
+            match r {
+                Response::Records(recs) => {
+                    paths.extend(recs.iter().map(|r| r.path.clone()));
+                    let db = self.db.clone();
+                    let p = peer.to_string();
+                    blocking(move || lock(&db).store_remote(&p, &recs)).await??;
+                }
+                Response::Sync(SyncResponse::IndexEnd {
+                    last_sent,
+                    current_max,
+                }) => {
+                    let db = self.db.clone();
+                    let p = peer.to_string();
+                    if current_max < since {
+                        // The peer's index was recreated: its sequence numbers start over.
+                        tracing::warn!("peer {peer} restarted its index; fetching it whole");
+                        blocking(move || lock(&db).reset_remote(&p)).await??;
+                    } else {
+                        blocking(move || lock(&db).set_remote_seq(&p, last_sent)).await??;
+                    }
+                }
+                other => anyhow::bail!("unexpected answer to index-since: {other:?}"),
+            }
+        }
+        if !paths.is_empty() {
+            tracing::debug!(
+                "{} records from {}",
+                paths.len(),
+                &peer[..7.min(peer.len())]
+            );
+            self.mark_dirty(paths);
+        }
+        Ok(())
+    }
+
+    /// Queue every path where the stored index of `peer` has something we lack.
+    async fn mark_need(&self, peer: String) {
+        let db = self.db.clone();
+        let local = self.ctx.local.clone();
+        let res = blocking(move || -> anyhow::Result<Vec<RelPath>> {
+            let remote = lock(&db).all_remote(&peer)?;
+            if remote.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ix = local
+                .index
+                .lock()
+                .map_err(|_| anyhow::anyhow!("index lock"))?;
+            let mine: HashMap<RelPath, Record> = ix
+                .all()?
+                .into_iter()
+                .map(|s| (s.record.path.clone(), s.record))
+                .collect();
+            Ok(remote
+                .into_iter()
+                .filter(|r| {
+                    mine.get(&r.path).is_none_or(|l| {
+                        matches!(
+                            r.version.compare(&l.version),
+                            VvOrder::Greater | VvOrder::Concurrent
+                        )
+                    })
+                })
+                .map(|r| r.path)
+                .collect())
+        })
+        .await;
+        match res {
+            Ok(Ok(paths)) => self.mark_dirty(paths),
+            Ok(Err(e)) | Err(e) => self.set_error(format!("reading stored index: {e:#}")),
+        }
+    }
+
+    // ---------------------------------------------------------------- serving
+
+    pub async fn serve(self: &Arc<Self>, conn: &Conn, req: SyncRequest, out: Responder) -> String {
+        match req {
+            SyncRequest::IndexSince { since } => {
+                if !self.is_current(conn) {
+                    self.adopt(conn.clone(), false);
+                }
+                self.serve_index(since, out).await
+            }
+            SyncRequest::IndexChanged { .. } => {
+                if !self.is_current(conn) {
+                    self.adopt(conn.clone(), false);
+                }
+                if let Some(s) = lock(&self.peers).get(&conn.peer().id) {
+                    s.hint.notify_one();
+                }
+                let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
+                "ok".into()
+            }
+            SyncRequest::GetBlocks {
+                path,
+                first,
+                hashes,
+            } => self.serve_blocks(path, first, hashes, out).await,
+            SyncRequest::Bye => {
+                let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
+                if self.is_current(conn) {
+                    tracing::info!("peer {} said goodbye", conn.peer().id.short_str());
+                }
+                conn.close();
+                "ok".into()
+            }
+        }
+    }
+
+    async fn serve_index(&self, since: u64, mut out: Responder) -> String {
+        let mut cursor = since;
+        let mut sent = 0usize;
+        loop {
+            let local = self.ctx.local.clone();
+            let c = cursor;
+            let recs = match blocking(move || {
+                local
+                    .index
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock"))
+                    .and_then(|ix| ix.since(c, proto::RECORDS_PER_FRAME))
+            })
+            .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) | Err(e) => {
+                    let _ = out.error(ErrorCode::Internal, format!("{e:#}")).await;
+                    return "failed".into();
+                }
+            };
+            let Some(last) = recs.last() else { break };
+            cursor = last.sequence;
+            sent += recs.len();
+            for page in proto::pages(recs) {
+                if out.send(Response::Records(page)).await.is_err() {
+                    return "cancelled".into();
+                }
+            }
+        }
+        let local = self.ctx.local.clone();
+        let current_max = blocking(move || {
+            local
+                .index
+                .lock()
+                .ok()
+                .and_then(|ix| ix.max_sequence().ok())
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(cursor);
+        let _ = out
+            .end(Response::Sync(SyncResponse::IndexEnd {
+                last_sent: cursor,
+                current_max: current_max.max(cursor),
+            }))
+            .await;
+        format!("ok, {sent} records")
+    }
+
+    async fn serve_blocks(
+        &self,
+        path: RelPath,
+        first: u64,
+        hashes: Vec<[u8; 32]>,
+        mut out: Responder,
+    ) -> String {
+        if hashes.is_empty() || hashes.len() > proto::MAX_BLOCKS_PER_REQUEST {
+            let _ = out
+                .error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "between 1 and {} blocks per request",
+                        proto::MAX_BLOCKS_PER_REQUEST
+                    ),
+                )
+                .await;
+            return "bad request".into();
+        }
+        let root = self.ctx.local.dir.root.clone();
+        let locks = self.ctx.locks.clone();
+        let p = path.clone();
+        let res = blocking(move || -> Result<Vec<Vec<u8>>, (ErrorCode, String)> {
+            crate::paths::resolve_no_follow(&root, &p)
+                .map_err(|e| (ErrorCode::BadPath, e.to_string()))?;
+            let _g = locks
+                .lock(&p, crate::locks::Mode::Shared, LOCK_WAIT)
+                .ok_or_else(|| (ErrorCode::Busy, format!("{p}: being written")))?;
+            let f = crate::paths::open_beneath(&root, &p)
+                .map_err(|e| (ErrorCode::NotFound, format!("{p}: {e}")))?;
+            let md = f.metadata().map_err(|e| (ErrorCode::Io, e.to_string()))?;
+            if !md.is_file() {
+                return Err((ErrorCode::NotAFile, format!("{p}: not a regular file")));
+            }
+            let mut out = Vec::with_capacity(hashes.len());
+            for (k, h) in hashes.iter().enumerate() {
+                match apply::read_block(&f, first + k as u64, md.len(), h) {
+                    Ok(Some(b)) => out.push(b),
+                    Ok(None) => {
+                        return Err((
+                            ErrorCode::Changed,
+                            format!("{p}: changed since it was announced"),
+                        ))
+                    }
+                    Err(e) => return Err((ErrorCode::Changed, format!("{p}: {e}"))),
+                }
+            }
+            Ok(out)
+        })
+        .await;
+        match res {
+            Ok(Ok(blocks)) => {
+                let n = blocks.len();
+                for b in blocks {
+                    if out.send(Response::Data(b)).await.is_err() {
+                        return "cancelled".into();
+                    }
+                }
+                let _ = out.end(Response::Done).await;
+                format!("ok, {n} blocks")
+            }
+            Ok(Err((code, msg))) => {
+                let _ = out.error(code, msg.clone()).await;
+                msg
+            }
+            Err(e) => {
+                let _ = out.error(ErrorCode::Internal, e.to_string()).await;
+                "failed".into()
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- pulling
+
+    async fn puller(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let next_retry = lock(&self.retry).values().min().copied();
+            let sleep_until = next_retry
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = self.pull_wake.notified() => {}
+                _ = tokio::time::sleep_until(sleep_until) => {}
+                _ = stop.changed() => return,
+            }
+            let mut paths: BTreeSet<RelPath> = std::mem::take(&mut *lock(&self.dirty));
+            {
+                let now = Instant::now();
+                let mut r = lock(&self.retry);
+                let due: Vec<RelPath> = r
+                    .iter()
+                    .filter(|(_, t)| **t <= now)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in due {
+                    r.remove(&p);
+                    paths.insert(p);
+                }
+            }
+            if paths.is_empty() {
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            self.pull_batch(paths).await;
+            self.busy.fetch_sub(1, Ordering::Relaxed);
+            let local = self.ctx.local.clone();
+            if let Ok(Some(max)) = blocking(move || {
+                local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.max_sequence().ok())
+            })
+            .await
+            {
+                self.seq_tx.send_if_modified(|v| {
+                    let m = *v != max;
+                    *v = max;
+                    m
+                });
+            }
+        }
+    }
+
+    async fn plan_paths(&self, paths: BTreeSet<RelPath>) -> anyhow::Result<Vec<Planned>> {
+        let local = self.ctx.local.clone();
+        let db = self.db.clone();
+        let pinned: BTreeSet<String> = self
+            .ctx
+            .peers
+            .current()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let stop = self.shutdown.subscribe();
+        blocking(move || -> anyhow::Result<Vec<Planned>> {
+            let ignore = IgnoreRules::load(&local.dir);
+            let mut out = Vec::new();
+            for p in paths {
+                if *stop.borrow() {
+                    // Shutting down: the rest is planned again on the next start.
+                    break;
+                }
+                let remotes = lock(&db).remote_records(&p)?;
+                let remotes: Vec<(String, Record)> = remotes
+                    .into_iter()
+                    .filter(|(peer, _)| pinned.contains(peer))
+                    .collect();
+                if remotes.is_empty() {
+                    continue;
+                }
+                if ignore.is_ignored(&p, remotes[0].1.kind == Kind::Dir) {
+                    continue;
+                }
+                let l = {
+                    let ix = local
+                        .index
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("index lock"))?;
+                    ix.get(&p)?.map(|s| s.record)
+                };
+                let multi = remotes.len() > 1;
+                for (peer, r) in remotes {
+                    let a = planner::plan(l.as_ref(), &r);
+                    if a != Action::Nothing {
+                        out.push(Planned {
+                            path: p.clone(),
+                            peer,
+                            local: l.clone(),
+                            action: a,
+                            multi,
+                        });
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    async fn pull_batch(self: &Arc<Self>, paths: BTreeSet<RelPath>) {
+        let plans = match self.plan_paths(paths.clone()).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.set_error(format!("planning: {e:#}"));
+                for p in paths {
+                    self.retry_later(p, Duration::from_secs(2));
+                }
+                return;
+            }
+        };
+        // Order: index-only updates and directories (parents first), then files and links in
+        // parallel, then deletions (children first) — after the files, so a renamed file can
+        // still copy its blocks from the old path.
+        let mut dirs = Vec::new();
+        let mut files = Vec::new();
+        let mut deletes = Vec::new();
+        for pl in plans {
+            match &pl.action {
+                Action::Delete(_) => deletes.push(pl),
+                Action::Install(r) | Action::Conflict { record: r, .. } if r.kind == Kind::Dir => {
+                    dirs.push(pl)
+                }
+                Action::Record(_) | Action::Rescan => dirs.push(pl),
+                _ => files.push(pl),
+            }
+        }
+        for pl in dirs {
+            self.execute(pl).await;
+        }
+        // Detached tasks bounded by the semaphore, not a JoinSet: a JoinSet keeps every finished
+        // task's allocation until it is joined, which for 100k files is hundreds of MB.
+        let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
+        for pl in files {
+            let size = match &pl.action {
+                Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
+                _ => 0,
+            };
+            let slots = (size / (256 * 1024)).clamp(1, BIG_FILE_SLOTS as u64) as u32;
+            let Ok(permit) = sem.clone().acquire_many_owned(slots).await else {
+                break;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.execute(pl).await;
+                drop(permit);
+            });
+        }
+        // Every slot back means every file task has finished.
+        let _ = sem.acquire_many(PULL_SLOTS).await;
+        deletes.sort_by(|a, b| b.path.cmp(&a.path));
+        for pl in deletes {
+            self.execute(pl).await;
+        }
+    }
+
+    async fn execute(self: &Arc<Self>, pl: Planned) {
+        if self.stopping() {
+            return;
+        }
+        let path = pl.path.clone();
+        let multi = pl.multi;
+        let res = self.execute_inner(pl).await;
+        match res {
+            Ok(to_scan) => {
+                for p in to_scan {
+                    self.request_scan(p);
+                }
+                if multi {
+                    self.mark_dirty([path]);
+                }
+            }
+            Err(ApplyError::LocalChange(p)) => {
+                tracing::debug!("{p}: changed locally; rescanning before planning again");
+                self.request_scan(p.clone());
+                self.retry_later(p, Duration::from_millis(200));
+            }
+            Err(ApplyError::Busy(p)) => self.retry_later(p, Duration::from_millis(500)),
+            Err(ApplyError::NotEmpty(p)) => self.retry_later(p, Duration::from_secs(2)),
+            // Queued again as soon as that peer connects (`mark_need`); this is only a backstop.
+            Err(ApplyError::Unavailable(p)) => self.retry_later(p, Duration::from_secs(10)),
+            Err(e @ ApplyError::NoSpace(_)) => {
+                self.set_error(format!("{path}: {e}; will retry"));
+                self.retry_later(path, Duration::from_secs(2));
+            }
+            Err(e) => {
+                self.set_error(format!("{path}: {e}"));
+                self.retry_later(path, Duration::from_secs(2));
+            }
+        }
+    }
+
+    async fn execute_inner(self: &Arc<Self>, pl: Planned) -> Result<Vec<RelPath>, ApplyError> {
+        let ap = self.applier.clone();
+        let expected = pl.local.clone();
+        match pl.action {
+            Action::Nothing => Ok(Vec::new()),
+            Action::Rescan => {
+                self.request_scan(pl.path.clone());
+                self.retry_later(pl.path, Duration::from_millis(300));
+                Ok(Vec::new())
+            }
+            Action::Record(r) => {
+                blocking(move || ap.record_only(r, expected.as_ref())).await??;
+                Ok(Vec::new())
+            }
+            Action::Delete(r) => {
+                tracing::info!("delete {}", r.path);
+                blocking(move || ap.delete(r, expected.as_ref())).await??;
+                self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                Ok(Vec::new())
+            }
+            Action::Install(r) => self.install(&pl.peer, r, expected, None).await,
+            Action::Conflict { record, loser } => {
+                tracing::info!(
+                    "conflict on {}: keeping the local version as {loser}",
+                    record.path
+                );
+                let out = self
+                    .install(&pl.peer, record, expected, Some(loser))
+                    .await?;
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                Ok(out)
+            }
+        }
+    }
+
+    async fn install(
+        self: &Arc<Self>,
+        peer: &str,
+        rec: Record,
+        expected: Option<Record>,
+        loser: Option<RelPath>,
+    ) -> Result<Vec<RelPath>, ApplyError> {
+        let ap = self.applier.clone();
+        if rec.kind != Kind::File {
+            return blocking(move || ap.install_other(rec, expected.as_ref(), loser.as_ref()))
+                .await?;
+        }
+        // Same content already here: only metadata changes.
+        if loser.is_none() {
+            if let Some(l) = expected.as_ref() {
+                if l.kind == Kind::File && !l.deleted && l.same_content(&rec) {
+                    blocking(move || ap.set_meta(rec, expected.as_ref())).await??;
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let r2 = rec.clone();
+        let ap2 = ap.clone();
+        let building = blocking(move || ap2.prepare_file(&r2)).await??;
+        self.stats
+            .bytes_reused
+            .fetch_add(building.reused, Ordering::Relaxed);
+        if !building.missing.is_empty() {
+            let conn = self
+                .conn_for(peer)
+                .ok_or_else(|| ApplyError::Unavailable(rec.path.clone()))?;
+            for run in runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST) {
+                let first = run[0];
+                let hashes: Vec<[u8; 32]> = run
+                    .iter()
+                    .map(|i| building.rec.blocks[*i as usize])
+                    .collect();
+                let mut s = conn
+                    .request(Request::Sync(SyncRequest::GetBlocks {
+                        path: rec.path.clone(),
+                        first,
+                        hashes,
+                    }))
+                    .await
+                    .map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))?;
+                let mut i = first;
+                loop {
+                    match s.next().await {
+                        Ok(Some(Response::Data(d))) => {
+                            if i >= first + run.len() as u64 {
+                                return Err(ApplyError::Other("too many blocks".into()));
+                            }
+                            building.write_block(i, &d)?;
+                            self.stats
+                                .bytes_fetched
+                                .fetch_add(d.len() as u64, Ordering::Relaxed);
+                            i += 1;
+                        }
+                        Ok(Some(Response::Done)) | Ok(None) => break,
+                        Ok(Some(other)) => {
+                            return Err(ApplyError::Other(format!("unexpected {other:?}")))
+                        }
+                        Err(e) => return Err(ApplyError::Other(format!("{}: {e}", rec.path))),
+                    }
+                }
+                if i != first + run.len() as u64 {
+                    return Err(ApplyError::Other(format!(
+                        "{}: short block answer",
+                        rec.path
+                    )));
+                }
+            }
+        }
+        let out =
+            blocking(move || ap.finish_file(building, expected.as_ref(), loser.as_ref())).await??;
+        self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- status
+
+    pub async fn status(self: &Arc<Self>) -> serde_json::Value {
+        let me = self.clone();
+        blocking(move || me.status_blocking())
+            .await
+            .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+    }
+
+    fn status_blocking(&self) -> serde_json::Value {
+        let mine: HashMap<RelPath, Record> = lock(&self.db)
+            .local_light()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.path.clone(), r))
+            .collect();
+        let conflicts = mine
+            .values()
+            .filter(|r| !r.deleted && planner::is_conflict_copy(&r.path))
+            .count();
+        let mut peers_json = Vec::new();
+        let cfg = self.ctx.local.dir.load_config().ok();
+        let ignore = IgnoreRules::load(&self.ctx.local.dir);
+        let (mut in_files, mut in_bytes) = (0u64, 0u64);
+        for id in self.ctx.peers.current() {
+            let peer = id.to_string();
+            // What the peer announced, reduced to what "does it still need ours" looks at.
+            let mut theirs: HashMap<RelPath, Record> = HashMap::new();
+            let (mut nf, mut nb) = (0u64, 0u64);
+            let _ = lock(&self.db).for_each_remote(&peer, |r| {
+                let ignored = ignore.is_ignored(&r.path, r.kind == Kind::Dir);
+                // Blocks were dropped for memory; the planner only needs them to be complete.
+                let mut full = r.clone();
+                full.blocks = vec![[0; 32]; r.size.div_ceil(crate::model::BLOCK_SIZE) as usize];
+                if !ignored && planner::plan(mine.get(&r.path), &full) != Action::Nothing {
+                    nf += 1;
+                    if r.kind == Kind::File && !r.deleted {
+                        nb += r.size;
+                    }
+                }
+                theirs.insert(r.path.clone(), r);
+            });
+            let (mut of, mut ob) = (0u64, 0u64);
+            for l in mine.values() {
+                let need = match theirs.get(&l.path) {
+                    None => !l.deleted,
+                    Some(r) => {
+                        matches!(
+                            l.version.compare(&r.version),
+                            VvOrder::Greater | VvOrder::Concurrent
+                        ) && !l.same_content(r)
+                    }
+                };
+                if need {
+                    of += 1;
+                    if l.kind == Kind::File && !l.deleted {
+                        ob += l.size;
+                    }
+                }
+            }
+            drop(theirs);
+            in_files += nf;
+            in_bytes += nb;
+            let slot = lock(&self.peers);
+            let s = slot.get(&id);
+            let connected = s
+                .and_then(|s| s.conn.as_ref())
+                .is_some_and(|c| !c.is_closed());
+            peers_json.push(serde_json::json!({
+                "id": peer,
+                "short": id.short_str(),
+                "addr": cfg.as_ref().and_then(|c| c.find_peer(&id)).map(|p| p.addr.clone()),
+                "connected": connected,
+                "connected_since": s.and_then(|s| s.connected_since).map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
+                "to_pull_files": nf,
+                "to_pull_bytes": nb,
+                "to_push_files": of,
+                "to_push_bytes": ob,
+                "last_error": s.and_then(|s| s.last_error.clone()),
+            }));
+        }
+        let last = lock(&self.last_error).clone();
+        serde_json::json!({
+            "device": self.my_id.to_string(),
+            "box": self.ctx.local.dir.root,
+            "peers": peers_json,
+            "to_pull_files": in_files,
+            "to_pull_bytes": in_bytes,
+            "pending_retries": lock(&self.retry).len(),
+            "conflicts": conflicts,
+            "files": mine.values().filter(|r| !r.deleted).count(),
+            "last_error": last.as_ref().map(|l| l.0.clone()),
+            "last_error_at": last.as_ref().map(|l| l.1.clone()),
+            "stats": {
+                "bytes_fetched": self.stats.bytes_fetched.load(Ordering::Relaxed),
+                "bytes_reused": self.stats.bytes_reused.load(Ordering::Relaxed),
+                "files_pulled": self.stats.files_pulled.load(Ordering::Relaxed),
+                "deleted": self.stats.deleted.load(Ordering::Relaxed),
+                "conflicts_resolved": self.stats.conflicts.load(Ordering::Relaxed),
+            },
+        })
+    }
+}
+
+/// Is `p` (a file, link or absent path; never a directory, whose children may have changed
+/// unseen) exactly as the index describes it? Then an event about it needs no scan.
+fn unchanged(root: &std::path::Path, ix: &crate::index::Index, p: &RelPath) -> bool {
+    if p.is_root() {
+        return false;
+    }
+    let Ok(Some(st)) = ix.get(p) else {
+        return false;
+    };
+    let r = &st.record;
+    match scan::disk_entry(root, p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.deleted,
+        Ok(Some(e)) if !r.deleted && e.kind == r.kind && e.mode == r.mode => match e.kind {
+            Kind::File => r.is_hashed() && st.stat == Some(e.stat) && e.mtime_ns == r.mtime_ns,
+            Kind::Symlink => e.target == r.target && e.mtime_ns == r.mtime_ns,
+            Kind::Dir => false,
+        },
+        _ => false,
+    }
+}
+
+/// One planned change.
+struct Planned {
+    path: RelPath,
+    peer: String,
+    local: Option<Record>,
+    action: Action,
+    multi: bool,
+}
+
+fn same_conn(a: &Conn, b: &Conn) -> bool {
+    // Two handles on one connection share their peer info allocation.
+    std::ptr::eq(a.peer(), b.peer())
+}
+
+async fn say_bye(c: Conn) {
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        c.call(Request::Sync(SyncRequest::Bye)),
+    )
+    .await;
+    c.close();
+}
+
+/// Consecutive block indices, in runs of at most `max`.
+fn runs(idx: &[u64], max: usize) -> Vec<Vec<u64>> {
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    for &i in idx {
+        match out.last_mut() {
+            Some(r) if r.len() < max && r.last().is_some_and(|l| *l + 1 == i) => r.push(i),
+            _ => out.push(vec![i]),
+        }
+    }
+    out
+}
+
+/// The smallest set of subtrees covering `set`; the root when there are too many.
+fn reduce_roots(set: BTreeSet<RelPath>) -> Vec<RelPath> {
+    if set.is_empty() {
+        return Vec::new();
+    }
+    if set.contains(&RelPath::root()) || set.len() > MAX_SCAN_ROOTS {
+        return vec![RelPath::root()];
+    }
+    let mut out: Vec<RelPath> = Vec::new();
+    for p in set {
+        if out.iter().any(|o| p.starts_with(o)) {
+            continue;
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split() {
+        assert_eq!(
+            runs(&[0, 1, 2, 5, 6, 9], 2),
+            vec![vec![0, 1], vec![2], vec![5, 6], vec![9]]
+        );
+    }
+
+    #[test]
+    fn scan_view_under_selects_the_subtree() {
+        let ix = crate::index::Index::open_in_memory().unwrap();
+        for (i, p) in ["a", "a/b", "a/b/c", "a b", "a0", "ab", "b"]
+            .iter()
+            .enumerate()
+        {
+            let r = Record {
+                path: RelPath::parse(p).unwrap(),
+                kind: Kind::File,
+                size: 0,
+                mtime_ns: 0,
+                mode: 0o644,
+                target: None,
+                md5: None,
+                sha256: None,
+                blocks: vec![],
+                version: Default::default(),
+                deleted: false,
+                sequence: i as u64 + 1,
+                modified_by: 1,
+            };
+            ix.put(&r, None).unwrap();
+        }
+        let mut got: Vec<String> = ix
+            .scan_view_under(&RelPath::parse("a").unwrap())
+            .unwrap()
+            .into_keys()
+            .map(|p| p.to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, vec!["a", "a/b", "a/b/c"]);
+        assert_eq!(ix.scan_view().unwrap().len(), 7);
+    }
+
+    #[test]
+    fn roots_reduce() {
+        let s: BTreeSet<RelPath> = ["a", "a/b", "a b", "c/d"]
+            .iter()
+            .map(|p| RelPath::parse(p).unwrap())
+            .collect();
+        let r: Vec<String> = reduce_roots(s).iter().map(|p| p.to_string()).collect();
+        assert_eq!(r, vec!["a", "a b", "c/d"]);
+    }
+}

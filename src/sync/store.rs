@@ -1,0 +1,244 @@
+//! The sync engine's own tables, kept in the box's index database on a connection of their own
+//! (WAL lets it read while a scan holds the main index): what each peer announced
+//! (`remote_files`), how far its sequence was read (`remote_seq`), and where each block of a local
+//! file lives (`blocks`, for reusing local data instead of transferring it).
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::config::BoxDir;
+use crate::model::Record;
+use crate::paths::RelPath;
+
+pub struct SyncDb {
+    conn: Connection,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS remote_files (
+    peer   TEXT NOT NULL,
+    path   TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (peer, path)
+);
+CREATE INDEX IF NOT EXISTS remote_files_path ON remote_files(path);
+CREATE TABLE IF NOT EXISTS remote_seq (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (hash BLOB NOT NULL, path TEXT NOT NULL, idx INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS blocks_hash ON blocks(hash);
+CREATE INDEX IF NOT EXISTS blocks_path ON blocks(path);
+"#;
+
+impl SyncDb {
+    pub fn open(b: &BoxDir) -> anyhow::Result<SyncDb> {
+        let conn = Connection::open(b.index_path()).context("opening sync tables")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA).context("creating sync tables")?;
+        Ok(SyncDb { conn })
+    }
+
+    pub fn open_in_memory() -> anyhow::Result<SyncDb> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SyncDb { conn })
+    }
+
+    pub fn remote_seq(&self, peer: &str) -> anyhow::Result<u64> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM remote_seq WHERE peer = ?1",
+                params![peer],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    pub fn set_remote_seq(&self, peer: &str, seq: u64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO remote_seq(peer, seq) VALUES(?1, ?2)
+             ON CONFLICT(peer) DO UPDATE SET seq = excluded.seq",
+            params![peer, seq as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Store a page of a peer's records (one transaction); a record never replaces a newer one.
+    pub fn store_remote(&mut self, peer: &str, records: &[Record]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO remote_files(peer, path, seq, record) VALUES(?1, ?2, ?3, ?4)
+                 ON CONFLICT(peer, path) DO UPDATE SET seq = excluded.seq, record = excluded.record
+                 WHERE excluded.seq >= remote_files.seq",
+            )?;
+            for r in records {
+                let blob = bincode::serialize(r)?;
+                stmt.execute(params![peer, r.path.as_str(), r.sequence as i64, blob])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget everything a peer announced (its index was recreated).
+    pub fn reset_remote(&self, peer: &str) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM remote_files WHERE peer = ?1", params![peer])?;
+        self.conn
+            .execute("DELETE FROM remote_seq WHERE peer = ?1", params![peer])?;
+        Ok(())
+    }
+
+    /// Every peer's record of `path`, ordered by peer.
+    pub fn remote_records(&self, path: &RelPath) -> anyhow::Result<Vec<(String, Record)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT peer, record FROM remote_files WHERE path = ?1 ORDER BY peer",
+        )?;
+        let rows = stmt.query_map(params![path.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (peer, blob) = row?;
+            if let Ok(rec) = bincode::deserialize::<Record>(&blob) {
+                out.push((peer, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record a peer announced.
+    pub fn all_remote(&self, peer: &str) -> anyhow::Result<Vec<Record>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT record FROM remote_files WHERE peer = ?1")?;
+        let rows = stmt.query_map(params![peer], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(rec) = bincode::deserialize::<Record>(&row?) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The local index without block lists (what `status` compares; a 100k-file index with its
+    /// blocks would cost far more memory than the answer is worth).
+    pub fn local_light(&self) -> anyhow::Result<Vec<Record>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT path, kind, size, mtime_ns, mode, target, md5 IS NOT NULL, sha256, version,
+                    deleted, sequence, modified_by FROM files",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, bool>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
+                r.get::<_, Vec<u8>>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, i64>(10)?,
+                r.get::<_, i64>(11)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, kind, size, mtime_ns, mode, target, has_md5, sha, version, deleted, seq, by) =
+                row?;
+            let Ok(path) = RelPath::parse(&path) else {
+                continue;
+            };
+            out.push(Record {
+                path,
+                kind: crate::model::Kind::from_i64(kind).unwrap_or(crate::model::Kind::File),
+                size: size.max(0) as u64,
+                mtime_ns,
+                mode: mode as u32,
+                target,
+                // Only presence matters to the planner.
+                md5: has_md5.then_some([0; 16]),
+                sha256: sha.and_then(|v| v.try_into().ok()),
+                blocks: Vec::new(),
+                version: bincode::deserialize(&version).unwrap_or_default(),
+                deleted: deleted != 0,
+                sequence: seq.max(0) as u64,
+                modified_by: by as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Visit every record a peer announced, one at a time (nothing is collected).
+    pub fn for_each_remote(&self, peer: &str, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT record FROM remote_files WHERE peer = ?1")?;
+        let mut rows = stmt.query(params![peer])?;
+        while let Some(row) = rows.next()? {
+            let blob: Vec<u8> = row.get(0)?;
+            if let Ok(mut rec) = bincode::deserialize::<Record>(&blob) {
+                rec.blocks = Vec::new();
+                f(rec);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the block locations of `path` (none when it is gone or not a hashed file).
+    pub fn set_blocks(&mut self, path: &RelPath, blocks: &[[u8; 32]]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM blocks WHERE path = ?1", params![path.as_str()])?;
+        {
+            let mut stmt =
+                tx.prepare_cached("INSERT INTO blocks(hash, path, idx) VALUES(?1, ?2, ?3)")?;
+            for (i, h) in blocks.iter().enumerate() {
+                stmt.execute(params![&h[..], path.as_str(), i as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rebuild the whole block table from the live files of the index.
+    pub fn rebuild_blocks(&mut self, files: &[(RelPath, Vec<[u8; 32]>)]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM blocks", [])?;
+        {
+            let mut stmt =
+                tx.prepare_cached("INSERT INTO blocks(hash, path, idx) VALUES(?1, ?2, ?3)")?;
+            for (p, blocks) in files {
+                for (i, h) in blocks.iter().enumerate() {
+                    stmt.execute(params![&h[..], p.as_str(), i as i64])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Local places that held a block with this hash when last scanned (verify before use).
+    pub fn find_block(&self, hash: &[u8; 32]) -> anyhow::Result<Vec<(RelPath, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT path, idx FROM blocks WHERE hash = ?1 LIMIT 4")?;
+        let rows = stmt.query_map(params![&hash[..]], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (p, i) = row?;
+            if let Ok(p) = RelPath::parse(&p) {
+                out.push((p, i.max(0) as u64));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,174 @@
+//! Two real daemons on loopback: every kind of change crosses in both directions.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn files_dirs_symlinks_both_ways() {
+    let (a, b) = two_boxes();
+    a.write("hello.txt", b"hello\n");
+    a.write("empty", b"");
+    a.write("dir with space/ünïcödé ✓.txt", b"unicode\n");
+    a.write("deep/er/still/f.bin", &vec![7u8; 300_000]);
+    std::fs::create_dir_all(a.path("emptydir")).unwrap();
+    std::os::unix::fs::symlink("hello.txt", a.path("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", a.path("dangling")).unwrap();
+    std::fs::set_permissions(a.path("hello.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(a.path("deep/er"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    set_mtime(&a.path("empty"), 1_000_000_000);
+    let t = wait_converged(&[&a, &b], CONVERGE);
+    assert!(matches!(t.get("link"), Some(Entry::Link { target, .. }) if target == "hello.txt"));
+    assert!(matches!(
+        t.get("hello.txt"),
+        Some(Entry::File { mode: 0o600, .. })
+    ));
+    assert!(matches!(t.get("emptydir"), Some(Entry::Dir { .. })));
+
+    // And back the other way.
+    b.write("from-b.txt", b"made on b");
+    b.write("hello.txt", b"changed on b\n");
+    std::fs::set_permissions(
+        b.path("deep/er/still/f.bin"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    wait_converged(&[&a, &b], CONVERGE);
+    assert_eq!(a.read("hello.txt").unwrap(), b"changed on b\n");
+    assert_eq!(a.read("from-b.txt").unwrap(), b"made on b");
+}
+
+#[test]
+fn deletions_propagate_and_stay_deleted() {
+    let (mut a, mut b) = two_boxes();
+    a.write("keep.txt", b"keep");
+    a.write("gone.txt", b"gone");
+    a.write("tree/x/y.txt", b"y");
+    a.write("tree/z.txt", b"z");
+    std::os::unix::fs::symlink("keep.txt", a.path("oldlink")).unwrap();
+    wait_converged(&[&a, &b], CONVERGE);
+    std::fs::remove_file(b.path("gone.txt")).unwrap();
+    std::fs::remove_dir_all(b.path("tree")).unwrap();
+    std::fs::remove_file(b.path("oldlink")).unwrap();
+    let t = wait_converged(&[&a, &b], CONVERGE);
+    assert_eq!(t.keys().collect::<Vec<_>>(), vec!["keep.txt"]);
+    // Restarting both (and a full rescan) does not bring anything back.
+    a.stop();
+    b.stop();
+    a.start();
+    b.start();
+    std::thread::sleep(Duration::from_secs(4));
+    let t = wait_converged(&[&a, &b], CONVERGE);
+    assert_eq!(t.keys().collect::<Vec<_>>(), vec!["keep.txt"]);
+}
+
+#[test]
+fn rename_reuses_local_blocks() {
+    let (a, b) = two_boxes();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    a.write("big.bin", &data);
+    wait_converged(&[&a, &b], CONVERGE);
+    let before = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
+    std::fs::create_dir_all(a.path("moved")).unwrap();
+    std::fs::rename(a.path("big.bin"), a.path("moved/renamed.bin")).unwrap();
+    wait_converged(&[&a, &b], CONVERGE);
+    let after = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
+    assert_eq!(after, before, "a rename moved content over the network");
+}
+
+#[test]
+fn one_byte_change_moves_one_block() {
+    let (a, b) = two_boxes();
+    let mut data: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    a.write("f.bin", &data);
+    wait_converged(&[&a, &b], CONVERGE);
+    let before = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
+    data[5_000_000] ^= 0xff;
+    a.write("f.bin", &data);
+    wait_converged(&[&a, &b], CONVERGE);
+    let after = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        after - before <= 128 * 1024,
+        "moved {} bytes",
+        after - before
+    );
+}
+
+#[test]
+fn propagation_is_fast() {
+    let (a, b) = two_boxes();
+    a.write("warmup", b"x");
+    wait_converged(&[&a, &b], CONVERGE);
+    let mut times = Vec::new();
+    for i in 0..10 {
+        let name = format!("p{i}.txt");
+        let t0 = Instant::now();
+        a.write(&name, &[b'x'; 1024]);
+        wait_for("propagation", Duration::from_secs(20), || {
+            b.path(&name).exists()
+        });
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    let p50 = times[times.len() / 2];
+    eprintln!("propagation times: {times:?}");
+    // A debug build on a shared 2-core machine; the release bench checks the 100 ms target.
+    assert!(p50 < Duration::from_millis(1000), "p50 {p50:?}");
+}
+
+#[test]
+fn ignore_file_keeps_paths_out() {
+    let (a, b) = two_boxes();
+    a.write(".myboxignore", b"*.log\nbuild/\n");
+    wait_converged(&[&a, &b], CONVERGE);
+    a.write("app.log", b"noise");
+    a.write("build/out.o", b"obj");
+    a.write("src.c", b"int main;");
+    wait_for("src.c", CONVERGE, || b.path("src.c").exists());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.path("app.log").exists());
+    assert!(!b.path("build").exists());
+}
+
+#[test]
+fn status_and_single_instance() {
+    let mut a = TestBox::new("a");
+    let out = mybox(&a.root, &["status"]);
+    assert!(!out.status.success(), "status without daemon must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mybox daemon"));
+    let mut b = TestBox::new("b");
+    pair(&a, &b);
+    a.start();
+    b.start();
+    wait_for("connected", CONVERGE, || {
+        a.status_json()["peers"][0]["connected"].as_bool() == Some(true)
+    });
+    // A second daemon on the same box is refused.
+    let out = std::process::Command::new(BIN)
+        .arg("--box")
+        .arg(&a.root)
+        .args(["daemon", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    // Queries keep working while daemons run.
+    a.write("q.txt", b"query me");
+    wait_for("q.txt", CONVERGE, || b.path("q.txt").exists());
+    let out = mybox(&b.root, &["index", "longlist", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("q.txt"));
+    let out = mybox(&b.root, &["status"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("connected"));
+    a.stop();
+    b.stop();
+    assert!(!a.root.join(".mybox/control.sock").exists());
+}
