@@ -317,21 +317,19 @@ impl Applier {
                 .filter(|(a, b)| a == b)
                 .count();
             if same > 0 && same * 2 >= rec.blocks.len() {
-                if self.full(&rec.path).is_ok() {
-                    if let Ok(mut src) = open_beneath(&self.root, &rec.path) {
-                        let before = src.metadata().map(|m| StatKey::of(&m)).ok();
-                        if before.is_some() && before == old.stat {
-                            let copied = io::copy(&mut src, &mut file)
-                                .map_err(|e| ctx_err("copying the previous version", e))?;
-                            let after = src.metadata().map(|m| StatKey::of(&m)).ok();
-                            if after == before && copied == old.record.size {
-                                for (i, (a, b)) in
-                                    rec.blocks.iter().zip(old.record.blocks.iter()).enumerate()
-                                {
-                                    if a == b {
-                                        have[i] = true;
-                                        reused += BLOCK_SIZE.min(rec.size - i as u64 * BLOCK_SIZE);
-                                    }
+                if let Ok(mut src) = open_beneath(&self.root, &rec.path) {
+                    let before = src.metadata().map(|m| StatKey::of(&m)).ok();
+                    if before.is_some() && before == old.stat {
+                        let copied = io::copy(&mut src, &mut file)
+                            .map_err(|e| ctx_err("copying the previous version", e))?;
+                        let after = src.metadata().map(|m| StatKey::of(&m)).ok();
+                        if after == before && copied == old.record.size {
+                            for (i, (a, b)) in
+                                rec.blocks.iter().zip(old.record.blocks.iter()).enumerate()
+                            {
+                                if a == b {
+                                    have[i] = true;
+                                    reused += BLOCK_SIZE.min(rec.size - i as u64 * BLOCK_SIZE);
                                 }
                             }
                         }
