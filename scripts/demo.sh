@@ -53,6 +53,7 @@ cd "$DEMO"
 run "$MYBOX" download tcp photos/big.bin -o big-tcp.raw
 run "$MYBOX" download udp photos/big.bin -o big-udp.raw || echo "(udp path not available in this build)"
 run cmp big-tcp.raw alice/photos/big.bin && echo "tcp copy is byte-identical"
+[[ -f big-udp.raw ]] && run cmp big-udp.raw alice/photos/big.bin && echo "udp copy is byte-identical"
 
 step "--json for scripts"
 run "$MYBOX" index regex 'hello' --json
@@ -74,3 +75,25 @@ run "$MYBOX" hash verify hello.txt
 
 step "request history on alice"
 tail -n 5 "$DEMO/alice/.mybox/history.log"
+
+step "continuous sync: two daemons keep two new boxes identical"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PA=$(free_port); PB=$(free_port)
+S1="$DEMO/laptop"; S2="$DEMO/desktop"
+"$MYBOX" init "$S1" >/dev/null 2>&1; "$MYBOX" init "$S2" >/dev/null 2>&1
+"$MYBOX" --box "$S1" peer add "$("$MYBOX" --box "$S2" id)" 127.0.0.1:$PB 2>/dev/null
+"$MYBOX" --box "$S2" peer add "$("$MYBOX" --box "$S1" id)" 127.0.0.1:$PA 2>/dev/null
+"$MYBOX" --box "$S1" daemon --listen 127.0.0.1:$PA >/dev/null 2>"$DEMO/laptop.log" & echo $! >> "$DEMO/pids"
+"$MYBOX" --box "$S2" daemon --listen 127.0.0.1:$PB >/dev/null 2>"$DEMO/desktop.log" & echo $! >> "$DEMO/pids"
+until "$MYBOX" --box "$S1" status >/dev/null 2>&1 && "$MYBOX" --box "$S2" status >/dev/null 2>&1; do sleep 0.1; done
+t0=$(date +%s%N)
+echo "written on the laptop" > "$S1/note.txt"
+for _ in $(seq 200); do [[ -f $S2/note.txt ]] && break; sleep 0.01; done
+echo "desktop has note.txt after $(( ($(date +%s%N) - t0) / 1000000 )) ms: $(cat "$S2/note.txt")"
+mkdir -p "$S2/projects"; echo "from the desktop" > "$S2/projects/plan.md"
+for _ in $(seq 200); do [[ -f $S1/projects/plan.md ]] && break; sleep 0.01; done
+run ls -l "$S1/projects"
+rm "$S1/note.txt"
+for _ in $(seq 200); do [[ ! -e $S2/note.txt ]] && break; sleep 0.01; done
+[[ ! -e $S2/note.txt ]] && echo "the delete crossed too"
+run "$MYBOX" --box "$S2" status

@@ -128,7 +128,7 @@ async fn send_entries(mut out: Responder, entries: Vec<EntryInfo>) -> String {
         let body = Response::Entries(chunk.to_vec());
         let r = if chunks.peek().is_none() {
             return match out.end(body).await {
-                Ok(()) => format!("ok, {n} entries"),
+                Ok(()) => format!("ok, {n} {}", if n == 1 { "entry" } else { "entries" }),
                 Err(e) => format!("failed: {e}"),
             };
         } else {
@@ -138,7 +138,7 @@ async fn send_entries(mut out: Responder, entries: Vec<EntryInfo>) -> String {
             return format!("failed: {e}");
         }
     }
-    format!("ok, {n} entries")
+    format!("ok, {n} {}", if n == 1 { "entry" } else { "entries" })
 }
 
 async fn blocking<T: Send + 'static>(
