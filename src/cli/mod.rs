@@ -85,6 +85,9 @@ pub enum Command {
         /// Fetch content only when read (needs the sync daemon).
         #[arg(long)]
         on_demand: bool,
+        /// Seconds between full rescans when syncing (a safety net under inotify).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        rescan_interval: u64,
     },
     /// Unmount a mybox mount (also clears one left behind by a dead mount process).
     Umount { mountpoint: PathBuf },
@@ -145,13 +148,10 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    if matches!(cli.command, Command::Daemon { .. }) {
+    if matches!(cli.command, Command::Daemon { .. } | Command::Mount { .. }) {
         crate::daemon::init_logging(cli.box_dir.as_ref(), cli.verbose);
     } else {
-        init_logging(
-            cli.verbose,
-            matches!(cli.command, Command::Serve { .. } | Command::Mount { .. }),
-        );
+        init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -245,14 +245,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             mountpoint,
             listen,
             on_demand,
+            rescan_interval,
         } => {
-            if listen.is_some() || on_demand {
+            let b = find_box(cli.box_dir.as_ref())?;
+            if on_demand {
                 tracing::warn!(
-                    "--listen and --on-demand need the sync daemon; mounting the local store only"
+                    "--on-demand is not implemented yet: every file's content is pulled in the \
+                     background (mirror mode)"
                 );
             }
-            let b = find_box(cli.box_dir.as_ref())?;
-            crate::mount::run_foreground(b, mountpoint).await
+            let daemon = crate::mount::wants_daemon(&b, &listen, on_demand)
+                .then_some((listen, rescan_interval));
+            crate::mount::run_foreground(b, mountpoint, daemon).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         Command::Daemon {

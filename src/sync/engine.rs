@@ -70,7 +70,12 @@ pub struct Engine {
     handler: Arc<dyn Handler>,
     rescan_every: Duration,
     busy: AtomicU64,
+    on_applied: Mutex<Option<OnApplied>>,
 }
+
+/// Called with every path the applier just changed on disk (installed, deleted, metadata set,
+/// or a conflict loser renamed into place), e.g. so a mount drops the kernel's caches of it.
+pub type OnApplied = Arc<dyn Fn(&RelPath) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these simple maps leaves it usable.
@@ -164,6 +169,7 @@ impl Engine {
             shutdown,
             rescan_every,
             busy: AtomicU64::new(0),
+            on_applied: Mutex::new(None),
         });
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
@@ -217,6 +223,35 @@ impl Engine {
     fn set_error(&self, msg: String) {
         tracing::warn!("{msg}");
         *lock(&self.last_error) = Some((msg, chrono::Utc::now().to_rfc3339()));
+    }
+
+    /// Set the callback told about every path the applier changes (see [`OnApplied`]).
+    pub fn set_on_applied(&self, f: OnApplied) {
+        *lock(&self.on_applied) = Some(f);
+    }
+
+    /// These paths changed locally and their new versions are already in the index (e.g.
+    /// committed by the mount): announce them to peers now instead of after the next rescan.
+    /// They go through the scanner, which skips paths whose stat key matches their record and
+    /// then publishes the new sequence number to the sessions.
+    pub fn local_changed(&self, paths: &[RelPath]) {
+        for p in paths {
+            self.request_scan(p.clone());
+        }
+    }
+
+    fn applied(&self, paths: &[&RelPath]) {
+        let Some(f) = lock(&self.on_applied).clone() else {
+            return;
+        };
+        let paths: Vec<RelPath> = paths.iter().map(|p| (*p).clone()).collect();
+        // Kernel cache invalidation can wait on the kernel's locks of that inode: never on a
+        // runtime worker.
+        tokio::task::spawn_blocking(move || {
+            for p in &paths {
+                f(p);
+            }
+        });
     }
 
     fn request_scan(&self, p: RelPath) {
@@ -926,9 +961,17 @@ impl Engine {
         }
         let path = pl.path.clone();
         let multi = pl.multi;
+        let loser = match &pl.action {
+            Action::Conflict { loser, .. } => Some(loser.clone()),
+            _ => None,
+        };
         let res = self.execute_inner(pl).await;
         match res {
             Ok(to_scan) => {
+                match &loser {
+                    Some(l) => self.applied(&[&path, l]),
+                    None => self.applied(&[&path]),
+                }
                 for p in to_scan {
                     self.request_scan(p);
                 }
