@@ -99,6 +99,7 @@ impl Daemon {
         b: &BoxDir,
         listen: Option<String>,
         rescan_secs: u64,
+        on_demand: bool,
     ) -> anyhow::Result<Daemon> {
         let instance = lock_instance(b)?;
         limit_malloc_arenas();
@@ -109,9 +110,12 @@ impl Daemon {
             .with_context(|| format!("listening on {addr}"))?;
         let local = Arc::new(crate::query::LocalBox::open(b.clone())?);
         let ctx = crate::server::ServerCtx::new(local, crate::locks::LockManager::new())?;
-        let (engine, watcher) =
-            crate::sync::Engine::start(ctx.clone(), Duration::from_secs(rescan_secs.max(1)))
-                .await?;
+        let (engine, watcher) = crate::sync::Engine::start_with(
+            ctx.clone(),
+            Duration::from_secs(rescan_secs.max(1)),
+            on_demand,
+        )
+        .await?;
         let actual = listener.local_addr()?;
 
         let sock = b.control_socket();
@@ -160,7 +164,7 @@ impl Daemon {
 }
 
 pub async fn run(b: &BoxDir, listen: Option<String>, rescan_secs: u64) -> anyhow::Result<()> {
-    let d = Daemon::start(b, listen, rescan_secs).await?;
+    let d = Daemon::start(b, listen, rescan_secs, false).await?;
     println!(
         "mybox {} serving {} on {}",
         d.ctx.ident.id,

@@ -15,7 +15,7 @@ use fuser::{MountOption, SessionACL};
 
 use crate::config::BoxDir;
 use crate::fuse::{FuseFs, KernelInvalidator};
-use crate::vfs::hooks::ChangeSink;
+use crate::vfs::hooks::{ChangeSink, ContentSource, RemoteView};
 use crate::vfs::{Vfs, VfsOptions};
 
 /// Worker threads serving kernel requests (a blocked read must not stall a `stat`).
@@ -266,6 +266,36 @@ impl ChangeSink for EngineSink {
     }
 }
 
+/// The engine's view of the peers' indexes as the mount's placeholders (on-demand mode).
+struct EngineRemote(Arc<crate::sync::Engine>);
+
+impl RemoteView for EngineRemote {
+    fn placeholder(&self, path: &crate::paths::RelPath) -> Option<crate::model::Record> {
+        self.0.placeholder(path)
+    }
+    fn placeholders_in(&self, dir: &crate::paths::RelPath) -> Vec<crate::model::Record> {
+        self.0.placeholders_in(dir)
+    }
+}
+
+/// Placeholder content pulled by the engine when read (on-demand mode). The whole file is
+/// fetched, whatever range was asked for.
+struct EngineSource(Arc<crate::sync::Engine>);
+
+impl ContentSource for EngineSource {
+    fn fetch(
+        &self,
+        record: &crate::model::Record,
+        _offset: u64,
+        _len: u64,
+        timeout: std::time::Duration,
+    ) -> crate::vfs::VfsResult<()> {
+        self.0
+            .fetch_now(record, timeout)
+            .map_err(|e| crate::vfs::VfsError::new(libc::EIO, format!("{e:#}")))
+    }
+}
+
 /// Does `mybox mount` run the daemon too? When asked to listen or fetch on demand, or when the
 /// box has peers to sync with; otherwise the store is mounted standalone (nothing to serve).
 pub fn wants_daemon(b: &BoxDir, listen: &Option<String>, on_demand: bool) -> bool {
@@ -285,6 +315,7 @@ pub async fn run_foreground(
     b: BoxDir,
     mountpoint: PathBuf,
     daemon: Option<(Option<String>, u64)>,
+    on_demand: bool,
 ) -> anyhow::Result<()> {
     // Modes asked for by callers are applied exactly (the kernel already applied their umask).
     // SAFETY: umask cannot fail.
@@ -296,10 +327,18 @@ pub async fn run_foreground(
     // Resolve the mount point before leaving the current directory.
     let mountpoint = std::path::absolute(&mountpoint).unwrap_or(mountpoint);
     let daemon = match daemon {
-        Some((listen, rescan)) => Some(crate::daemon::Daemon::start(&b, listen, rescan).await?),
+        Some((listen, rescan)) => {
+            Some(crate::daemon::Daemon::start(&b, listen, rescan, on_demand).await?)
+        }
         None => None,
     };
     let opts = match &daemon {
+        Some(d) if on_demand => VfsOptions {
+            sink: Arc::new(EngineSink(d.engine.clone())),
+            remote: Arc::new(EngineRemote(d.engine.clone())),
+            source: Arc::new(EngineSource(d.engine.clone())),
+            locks: d.ctx.locks.clone(),
+        },
         Some(d) => VfsOptions {
             sink: Arc::new(EngineSink(d.engine.clone())),
             locks: d.ctx.locks.clone(),

@@ -33,6 +33,10 @@ struct SyncMount {
 
 impl SyncMount {
     fn start(b: &TestBox) -> SyncMount {
+        SyncMount::start_with(b, &[])
+    }
+
+    fn start_with(b: &TestBox, extra: &[&str]) -> SyncMount {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
@@ -46,6 +50,7 @@ impl SyncMount {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", b.port))
             .args(["--rescan-interval", "3"])
+            .args(extra)
             .env("MYBOX_LOG", "info,mybox=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -223,4 +228,52 @@ fn mount_daemon_commands_work_from_inside() {
         sums.contains("5d41402abc4b2a76b9719d911017c592"),
         "md5 of hello: {sums}"
     );
+}
+
+#[test]
+fn mount_on_demand_placeholders_fetch_when_read() {
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    let one: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let two: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    fs::create_dir(b.path("data")).unwrap();
+    b.write("data/one.bin", &one);
+    b.write("data/two.bin", &two);
+    // Listed through the mount with the right size, before any content is here.
+    wait_for(
+        "the placeholders in A's mount",
+        Duration::from_secs(10),
+        || {
+            let names: Vec<String> = fs::read_dir(ma.p("data"))
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.contains(&"one.bin".to_string()) && names.contains(&"two.bin".to_string())
+        },
+    );
+    assert_eq!(fs::metadata(ma.p("data/one.bin")).unwrap().len(), 200_000);
+    assert_eq!(fs::metadata(ma.p("data/two.bin")).unwrap().len(), 50_000);
+    // The directory was applied in the background, the files' content was not.
+    assert!(a.path("data").is_dir());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.read("data/one.bin").is_none(), "pulled in the background");
+    assert!(a.read("data/two.bin").is_none(), "pulled in the background");
+    // Reading a placeholder fetches it.
+    assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
+    assert_eq!(a.read("data/one.bin").unwrap(), one);
+    // With B gone, reading the other one fails with EIO, well within the fetch bound.
+    b.stop();
+    let t = Instant::now();
+    let err = fs::read(ma.p("data/two.bin")).expect_err("read without a peer");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // What was fetched stays readable.
+    assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
 }

@@ -79,10 +79,10 @@ pub enum Command {
     /// Mount the box's namespace at MOUNTPOINT through FUSE, in the foreground.
     Mount {
         mountpoint: PathBuf,
-        /// Address to serve peers on while mounted (needs the sync daemon).
+        /// Address to serve peers on while mounted (the mount then runs the sync daemon too).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
-        /// Fetch content only when read (needs the sync daemon).
+        /// Pull file content only when read (placeholders until then); default: mirror.
         #[arg(long)]
         on_demand: bool,
         /// Seconds between full rescans when syncing (a safety net under inotify).
@@ -248,15 +248,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             rescan_interval,
         } => {
             let b = find_box(cli.box_dir.as_ref())?;
-            if on_demand {
-                tracing::warn!(
-                    "--on-demand is not implemented yet: every file's content is pulled in the \
-                     background (mirror mode)"
-                );
-            }
             let daemon = crate::mount::wants_daemon(&b, &listen, on_demand)
                 .then_some((listen, rescan_interval));
-            crate::mount::run_foreground(b, mountpoint, daemon).await
+            crate::mount::run_foreground(b, mountpoint, daemon, on_demand).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         Command::Daemon {

@@ -71,6 +71,12 @@ pub struct Engine {
     rescan_every: Duration,
     busy: AtomicU64,
     on_applied: Mutex<Option<OnApplied>>,
+    /// On-demand mode: files absent here are not pulled in the background, only when
+    /// [`Engine::fetch_now`] asks for them (directories, links, deletions and updates of files
+    /// already here still apply).
+    on_demand: bool,
+    /// Paths asked for by [`Engine::fetch_now`] (pulled even in on-demand mode).
+    wanted: Mutex<BTreeSet<RelPath>>,
 }
 
 /// Called with every path the applier just changed on disk (installed, deleted, metadata set,
@@ -94,6 +100,15 @@ impl Engine {
     pub async fn start(
         ctx: Arc<ServerCtx>,
         rescan_every: Duration,
+    ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+        Self::start_with(ctx, rescan_every, false).await
+    }
+
+    /// [`Engine::start`], optionally in on-demand mode (see [`Engine::fetch_now`]).
+    pub async fn start_with(
+        ctx: Arc<ServerCtx>,
+        rescan_every: Duration,
+        on_demand: bool,
     ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
         let b = ctx.local.dir.clone();
         let tmp = b.tmp_dir().join("sync");
@@ -170,6 +185,8 @@ impl Engine {
             rescan_every,
             busy: AtomicU64::new(0),
             on_applied: Mutex::new(None),
+            on_demand,
+            wanted: Mutex::new(BTreeSet::new()),
         });
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
@@ -237,6 +254,114 @@ impl Engine {
     pub fn local_changed(&self, paths: &[RelPath]) {
         for p in paths {
             self.request_scan(p.clone());
+        }
+    }
+
+    /// The record a pinned peer has for `path` that would be installed here (a file, directory
+    /// or link that is live there and absent here): what a mount shows as a placeholder.
+    pub fn placeholder(&self, path: &RelPath) -> Option<Record> {
+        let remotes = lock(&self.db).remote_records(path).ok()?;
+        self.installable(path, remotes)
+    }
+
+    fn installable(&self, path: &RelPath, remotes: Vec<(String, Record)>) -> Option<Record> {
+        let pinned: BTreeSet<String> = self
+            .ctx
+            .peers
+            .current()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let remotes: Vec<Record> = remotes
+            .into_iter()
+            .filter(|(peer, r)| pinned.contains(peer) && !r.deleted)
+            .map(|(_, r)| r)
+            .collect();
+        if remotes.is_empty() {
+            return None;
+        }
+        let local = {
+            let ix = self.ctx.local.index.lock().ok()?;
+            ix.get(path).ok()?.map(|s| s.record)
+        };
+        if local.as_ref().is_some_and(|l| !l.deleted) {
+            return None;
+        }
+        remotes
+            .into_iter()
+            .find_map(|r| match planner::plan(local.as_ref(), &r) {
+                Action::Install(r) if !r.deleted => Some(r),
+                _ => None,
+            })
+    }
+
+    /// Placeholders directly inside `dir` (see [`Engine::placeholder`]).
+    pub fn placeholders_in(&self, dir: &RelPath) -> Vec<Record> {
+        let children = match lock(&self.db).remote_children(dir) {
+            Ok(c) => c,
+            Err(_) => return Vec::new(),
+        };
+        let mut by_path: BTreeMap<RelPath, Vec<(String, Record)>> = BTreeMap::new();
+        for (peer, r) in children {
+            by_path.entry(r.path.clone()).or_default().push((peer, r));
+        }
+        by_path
+            .into_iter()
+            .filter_map(|(p, rs)| self.installable(&p, rs))
+            .collect()
+    }
+
+    /// Pull `record.path` now (even in on-demand mode) and wait until the local index holds
+    /// that content, at most `timeout`. Fails at once when no peer that has it is connected.
+    pub fn fetch_now(&self, record: &Record, timeout: Duration) -> anyhow::Result<()> {
+        let path = record.path.clone();
+        let has_it: Vec<String> = lock(&self.db)
+            .remote_records(&path)?
+            .into_iter()
+            .filter(|(_, r)| r.same_content(record))
+            .map(|(peer, _)| peer)
+            .collect();
+        if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
+            anyhow::bail!("{path}: no connected peer has this version");
+        }
+        lock(&self.wanted).insert(path.clone());
+        lock(&self.retry).remove(&path);
+        self.mark_dirty([path.clone()]);
+        let end = Instant::now() + timeout;
+        let res = loop {
+            let here = self
+                .ctx
+                .local
+                .index
+                .lock()
+                .ok()
+                .and_then(|ix| ix.get(&path).ok().flatten())
+                .map(|s| s.record);
+            if here.is_some_and(|l| l.same_content(record) && !l.deleted) {
+                break Ok(());
+            }
+            if Instant::now() >= end {
+                break Err(anyhow::anyhow!("{path}: not fetched within {timeout:?}"));
+            }
+            if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
+                break Err(anyhow::anyhow!("{path}: the peer disconnected"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        lock(&self.wanted).remove(&path);
+        res
+    }
+
+    /// On-demand mode leaves files that are absent here to [`Engine::fetch_now`].
+    fn deferred(&self, pl: &Planned) -> bool {
+        if !self.on_demand || pl.local.as_ref().is_some_and(|l| !l.deleted) {
+            return false;
+        }
+        match &pl.action {
+            Action::Install(r) | Action::Conflict { record: r, .. } => {
+                r.kind == Kind::File && !lock(&self.wanted).contains(&pl.path)
+            }
+            _ => false,
         }
     }
 
@@ -901,7 +1026,10 @@ impl Engine {
 
     async fn pull_batch(self: &Arc<Self>, paths: BTreeSet<RelPath>) {
         let plans = match self.plan_paths(paths.clone()).await {
-            Ok(p) => p,
+            Ok(mut p) => {
+                p.retain(|pl| !self.deferred(pl));
+                p
+            }
             Err(e) => {
                 self.set_error(format!("planning: {e:#}"));
                 for p in paths {
