@@ -78,50 +78,112 @@ fn lock_instance(b: &BoxDir) -> anyhow::Result<InstanceLock> {
     Ok(InstanceLock(f))
 }
 
+/// A started daemon: instance lock held, listener bound, sync engine running, control socket
+/// answering. [`Daemon::serve`] accepts peers until told to stop, then stops the engine.
+/// Shared by `mybox daemon` and `mybox mount` (which also mounts the store over the same
+/// [`crate::server::ServerCtx`], so FUSE writers and the sync engine share one lock manager).
+pub struct Daemon {
+    pub ctx: Arc<crate::server::ServerCtx>,
+    pub engine: Arc<crate::sync::Engine>,
+    /// The address actually listened on.
+    pub addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
+    sock: PathBuf,
+    _watcher: Option<notify::RecommendedWatcher>,
+    _instance: InstanceLock,
+}
+
+impl Daemon {
+    /// Take the instance lock, bind the listener, start the engine and the control socket.
+    pub async fn start(
+        b: &BoxDir,
+        listen: Option<String>,
+        rescan_secs: u64,
+        on_demand: bool,
+    ) -> anyhow::Result<Daemon> {
+        let instance = lock_instance(b)?;
+        limit_malloc_arenas();
+        let cfg = b.load_config()?;
+        let addr = listen.unwrap_or(cfg.listen.clone());
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = Arc::new(crate::query::LocalBox::open(b.clone())?);
+        let ctx = crate::server::ServerCtx::new(local, crate::locks::LockManager::new())?;
+        let (engine, watcher) = crate::sync::Engine::start_with(
+            ctx.clone(),
+            Duration::from_secs(rescan_secs.max(1)),
+            on_demand,
+        )
+        .await?;
+        let actual = listener.local_addr()?;
+
+        let sock = b.control_socket();
+        let _ = std::fs::remove_file(&sock); // stale: we hold the instance lock
+        let control = tokio::net::UnixListener::bind(&sock)
+            .with_context(|| format!("control socket {}", sock.display()))?;
+        tokio::spawn(control_loop(control, engine.clone()));
+        tracing::info!(
+            "daemon for {} as {} on {actual}",
+            b.root.display(),
+            ctx.ident.id.short_str()
+        );
+        Ok(Daemon {
+            ctx,
+            engine,
+            addr: actual,
+            listener,
+            sock,
+            _watcher: watcher,
+            _instance: instance,
+        })
+    }
+
+    /// Serve peers until `shutdown` completes, then stop the engine and remove the control
+    /// socket (the instance lock is released when this returns).
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Daemon {
+            ctx,
+            engine,
+            listener,
+            sock,
+            _watcher,
+            _instance,
+            ..
+        } = self;
+        crate::server::run_listener(ctx, listener, shutdown).await?;
+        tracing::info!("stopping");
+        engine.stop().await;
+        let _ = std::fs::remove_file(&sock);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
 pub async fn run(b: &BoxDir, listen: Option<String>, rescan_secs: u64) -> anyhow::Result<()> {
-    let _instance = lock_instance(b)?;
-    limit_malloc_arenas();
-    let cfg = b.load_config()?;
-    let addr = listen.unwrap_or(cfg.listen.clone());
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
-    let local = Arc::new(crate::query::LocalBox::open(b.clone())?);
-    let ctx = crate::server::ServerCtx::new(local, crate::locks::LockManager::new())?;
-    let (engine, _watcher) =
-        crate::sync::Engine::start(ctx.clone(), Duration::from_secs(rescan_secs.max(1))).await?;
-    let actual = listener.local_addr()?;
-
-    let sock = b.control_socket();
-    let _ = std::fs::remove_file(&sock); // stale: we hold the instance lock
-    let control = tokio::net::UnixListener::bind(&sock)
-        .with_context(|| format!("control socket {}", sock.display()))?;
-    tokio::spawn(control_loop(control, engine.clone()));
-
+    let d = Daemon::start(b, listen, rescan_secs, false).await?;
     println!(
         "mybox {} serving {} on {}",
-        ctx.ident.id,
+        d.ctx.ident.id,
         b.root.display(),
-        actual
+        d.addr
     );
     let _ = std::io::stdout().flush();
-    tracing::info!(
-        "daemon for {} as {} on {actual}",
-        b.root.display(),
-        ctx.ident.id.short_str()
-    );
-    crate::server::run_listener(ctx, listener, crate::cli::shutdown_signal()).await?;
-    tracing::info!("stopping");
-    engine.stop().await;
-    let _ = std::fs::remove_file(&sock);
-    tracing::info!("stopped");
-    // Leaving the runtime waits for blocking work (hashing a huge file, say); everything on disk
-    // is already consistent (temp files are cleared on the next start), so do not hang on it.
+    d.serve(crate::cli::shutdown_signal()).await?;
+    exit_soon();
+    Ok(())
+}
+
+/// Leaving the runtime waits for blocking work (hashing a huge file, say); everything on disk is
+/// already consistent (temp files are cleared on the next start), so do not hang on it.
+pub fn exit_soon() {
     std::thread::spawn(|| {
         std::thread::sleep(Duration::from_secs(10));
         std::process::exit(0);
     });
-    Ok(())
 }
 
 async fn control_loop(l: tokio::net::UnixListener, engine: Arc<crate::sync::Engine>) {

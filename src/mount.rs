@@ -15,6 +15,7 @@ use fuser::{MountOption, SessionACL};
 
 use crate::config::BoxDir;
 use crate::fuse::{FuseFs, KernelInvalidator};
+use crate::vfs::hooks::{ChangeSink, ContentSource, RemoteView};
 use crate::vfs::{Vfs, VfsOptions};
 
 /// Worker threads serving kernel requests (a blocked read must not stall a `stat`).
@@ -255,8 +256,67 @@ impl Mounted {
     }
 }
 
-/// `mybox mount MOUNTPOINT`: mount in the foreground until unmounted or signalled.
-pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()> {
+/// The sync engine as the mount's [`ChangeSink`]: changes committed through the mount are
+/// announced to peers at once.
+struct EngineSink(Arc<crate::sync::Engine>);
+
+impl ChangeSink for EngineSink {
+    fn changed(&self, paths: &[crate::paths::RelPath]) {
+        self.0.local_changed(paths);
+    }
+}
+
+/// The engine's view of the peers' indexes as the mount's placeholders (on-demand mode).
+struct EngineRemote(Arc<crate::sync::Engine>);
+
+impl RemoteView for EngineRemote {
+    fn placeholder(&self, path: &crate::paths::RelPath) -> Option<crate::model::Record> {
+        self.0.placeholder(path)
+    }
+    fn placeholders_in(&self, dir: &crate::paths::RelPath) -> Vec<crate::model::Record> {
+        self.0.placeholders_in(dir)
+    }
+}
+
+/// Placeholder content pulled by the engine when read (on-demand mode). The whole file is
+/// fetched, whatever range was asked for.
+struct EngineSource(Arc<crate::sync::Engine>);
+
+impl ContentSource for EngineSource {
+    fn fetch(
+        &self,
+        record: &crate::model::Record,
+        _offset: u64,
+        _len: u64,
+        timeout: std::time::Duration,
+    ) -> crate::vfs::VfsResult<()> {
+        self.0
+            .fetch_now(record, timeout)
+            .map_err(|e| crate::vfs::VfsError::new(libc::EIO, format!("{e:#}")))
+    }
+}
+
+/// Does `mybox mount` run the daemon too? When asked to listen or fetch on demand, or when the
+/// box has peers to sync with; otherwise the store is mounted standalone (nothing to serve).
+pub fn wants_daemon(b: &BoxDir, listen: &Option<String>, on_demand: bool) -> bool {
+    listen.is_some()
+        || on_demand
+        || b.load_config()
+            .map(|c| !c.peers.is_empty())
+            .unwrap_or(false)
+}
+
+/// `mybox mount MOUNTPOINT`: mount in the foreground until unmounted or signalled. With
+/// `daemon`, the box is also served and synced in this process (what `mybox daemon` does), over
+/// one shared server context: the vfs and the sync applier use the same per-file locks, commits
+/// through the mount are pushed at once, and files the engine changes are invalidated in the
+/// kernel's caches.
+pub async fn run_foreground(
+    b: BoxDir,
+    mountpoint: PathBuf,
+    daemon: Option<(Option<String>, u64)>,
+    on_demand: bool,
+) -> anyhow::Result<()> {
     // Modes asked for by callers are applied exactly (the kernel already applied their umask).
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
@@ -266,9 +326,56 @@ pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()
     };
     // Resolve the mount point before leaving the current directory.
     let mountpoint = std::path::absolute(&mountpoint).unwrap_or(mountpoint);
-    let mut m = mount(&b, &mountpoint, &cfg)?;
+    let daemon = match daemon {
+        Some((listen, rescan)) => {
+            Some(crate::daemon::Daemon::start(&b, listen, rescan, on_demand).await?)
+        }
+        None => None,
+    };
+    let opts = match &daemon {
+        Some(d) if on_demand => VfsOptions {
+            sink: Arc::new(EngineSink(d.engine.clone())),
+            remote: Arc::new(EngineRemote(d.engine.clone())),
+            source: Arc::new(EngineSource(d.engine.clone())),
+            locks: d.ctx.locks.clone(),
+        },
+        Some(d) => VfsOptions {
+            sink: Arc::new(EngineSink(d.engine.clone())),
+            locks: d.ctx.locks.clone(),
+            ..VfsOptions::default()
+        },
+        None => VfsOptions::default(),
+    };
+    let mut m = match mount_with(&b, &mountpoint, &cfg, opts) {
+        Ok(m) => m,
+        Err(e) => {
+            if let Some(d) = daemon {
+                let _ = d.serve(async {}).await;
+            }
+            return Err(e);
+        }
+    };
     let mp = m.mountpoint.clone();
     let mut unmounter = m.unmounter();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = daemon.map(|d| {
+        let vfs = Arc::downgrade(&m.vfs);
+        d.engine
+            .set_on_applied(Arc::new(move |p: &crate::paths::RelPath| {
+                if let Some(v) = vfs.upgrade() {
+                    v.invalidate(p);
+                }
+            }));
+        println!(
+            "mybox {} serving {} on {}",
+            d.ctx.ident.id,
+            b.root.display(),
+            d.addr
+        );
+        tokio::spawn(d.serve(async move {
+            let _ = stop_rx.await;
+        }))
+    });
     println!("mybox: {} mounted at {}", b.root.display(), mp.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -279,10 +386,8 @@ pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()
         m.vfs.passthrough()
     );
     let mut serve = tokio::task::spawn_blocking(move || m.run());
-    tokio::select! {
-        r = &mut serve => {
-            r.context("mount thread")??;
-        }
+    let res = tokio::select! {
+        r = &mut serve => r.context("mount thread").and_then(|r| r),
         _ = crate::cli::shutdown_signal() => {
             tracing::info!("signal: unmounting {}", mp.display());
             let done = unmounter.as_mut().map(|u| u.unmount());
@@ -290,11 +395,20 @@ pub async fn run_foreground(b: BoxDir, mountpoint: PathBuf) -> anyhow::Result<()
                 tracing::warn!("unmount: {e}; detaching lazily");
                 let _ = umount2(&mp, libc::MNT_DETACH);
             }
-            serve.await.context("mount thread")??;
+            serve.await.context("mount thread").and_then(|r| r)
         }
-    }
+    };
     tracing::info!("unmounted {}", mp.display());
-    Ok(())
+    if let Some(task) = served {
+        let _ = stop_tx.send(());
+        match task.await {
+            Ok(Err(e)) => tracing::warn!("daemon: {e:#}"),
+            Err(e) => tracing::warn!("daemon task: {e}"),
+            Ok(Ok(())) => {}
+        }
+        crate::daemon::exit_soon();
+    }
+    res
 }
 
 #[cfg(test)]

@@ -79,12 +79,15 @@ pub enum Command {
     /// Mount the box's namespace at MOUNTPOINT through FUSE, in the foreground.
     Mount {
         mountpoint: PathBuf,
-        /// Address to serve peers on while mounted (needs the sync daemon).
+        /// Address to serve peers on while mounted (the mount then runs the sync daemon too).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
-        /// Fetch content only when read (needs the sync daemon).
+        /// Pull file content only when read (placeholders until then); default: mirror.
         #[arg(long)]
         on_demand: bool,
+        /// Seconds between full rescans when syncing (a safety net under inotify).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        rescan_interval: u64,
     },
     /// Unmount a mybox mount (also clears one left behind by a dead mount process).
     Umount { mountpoint: PathBuf },
@@ -145,13 +148,10 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    if matches!(cli.command, Command::Daemon { .. }) {
+    if matches!(cli.command, Command::Daemon { .. } | Command::Mount { .. }) {
         crate::daemon::init_logging(cli.box_dir.as_ref(), cli.verbose);
     } else {
-        init_logging(
-            cli.verbose,
-            matches!(cli.command, Command::Serve { .. } | Command::Mount { .. }),
-        );
+        init_logging(cli.verbose, matches!(cli.command, Command::Serve { .. }));
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -245,14 +245,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             mountpoint,
             listen,
             on_demand,
+            rescan_interval,
         } => {
-            if listen.is_some() || on_demand {
-                tracing::warn!(
-                    "--listen and --on-demand need the sync daemon; mounting the local store only"
-                );
-            }
             let b = find_box(cli.box_dir.as_ref())?;
-            crate::mount::run_foreground(b, mountpoint).await
+            let daemon = crate::mount::wants_daemon(&b, &listen, on_demand)
+                .then_some((listen, rescan_interval));
+            crate::mount::run_foreground(b, mountpoint, daemon, on_demand).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         Command::Daemon {

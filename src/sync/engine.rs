@@ -70,7 +70,18 @@ pub struct Engine {
     handler: Arc<dyn Handler>,
     rescan_every: Duration,
     busy: AtomicU64,
+    on_applied: Mutex<Option<OnApplied>>,
+    /// On-demand mode: files absent here are not pulled in the background, only when
+    /// [`Engine::fetch_now`] asks for them (directories, links, deletions and updates of files
+    /// already here still apply).
+    on_demand: bool,
+    /// Paths asked for by [`Engine::fetch_now`] (pulled even in on-demand mode).
+    wanted: Mutex<BTreeSet<RelPath>>,
 }
+
+/// Called with every path the applier just changed on disk (installed, deleted, metadata set,
+/// or a conflict loser renamed into place), e.g. so a mount drops the kernel's caches of it.
+pub type OnApplied = Arc<dyn Fn(&RelPath) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these simple maps leaves it usable.
@@ -89,6 +100,15 @@ impl Engine {
     pub async fn start(
         ctx: Arc<ServerCtx>,
         rescan_every: Duration,
+    ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+        Self::start_with(ctx, rescan_every, false).await
+    }
+
+    /// [`Engine::start`], optionally in on-demand mode (see [`Engine::fetch_now`]).
+    pub async fn start_with(
+        ctx: Arc<ServerCtx>,
+        rescan_every: Duration,
+        on_demand: bool,
     ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
         let b = ctx.local.dir.clone();
         let tmp = b.tmp_dir().join("sync");
@@ -164,6 +184,9 @@ impl Engine {
             shutdown,
             rescan_every,
             busy: AtomicU64::new(0),
+            on_applied: Mutex::new(None),
+            on_demand,
+            wanted: Mutex::new(BTreeSet::new()),
         });
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
@@ -217,6 +240,143 @@ impl Engine {
     fn set_error(&self, msg: String) {
         tracing::warn!("{msg}");
         *lock(&self.last_error) = Some((msg, chrono::Utc::now().to_rfc3339()));
+    }
+
+    /// Set the callback told about every path the applier changes (see [`OnApplied`]).
+    pub fn set_on_applied(&self, f: OnApplied) {
+        *lock(&self.on_applied) = Some(f);
+    }
+
+    /// These paths changed locally and their new versions are already in the index (e.g.
+    /// committed by the mount): announce them to peers now instead of after the next rescan.
+    /// They go through the scanner, which skips paths whose stat key matches their record and
+    /// then publishes the new sequence number to the sessions.
+    pub fn local_changed(&self, paths: &[RelPath]) {
+        for p in paths {
+            self.request_scan(p.clone());
+        }
+    }
+
+    /// The record a pinned peer has for `path` that would be installed here (a file, directory
+    /// or link that is live there and absent here): what a mount shows as a placeholder.
+    pub fn placeholder(&self, path: &RelPath) -> Option<Record> {
+        let remotes = lock(&self.db).remote_records(path).ok()?;
+        self.installable(path, remotes)
+    }
+
+    fn installable(&self, path: &RelPath, remotes: Vec<(String, Record)>) -> Option<Record> {
+        let pinned: BTreeSet<String> = self
+            .ctx
+            .peers
+            .current()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let remotes: Vec<Record> = remotes
+            .into_iter()
+            .filter(|(peer, r)| pinned.contains(peer) && !r.deleted)
+            .map(|(_, r)| r)
+            .collect();
+        if remotes.is_empty() {
+            return None;
+        }
+        let local = {
+            let ix = self.ctx.local.index.lock().ok()?;
+            ix.get(path).ok()?.map(|s| s.record)
+        };
+        if local.as_ref().is_some_and(|l| !l.deleted) {
+            return None;
+        }
+        remotes
+            .into_iter()
+            .find_map(|r| match planner::plan(local.as_ref(), &r) {
+                Action::Install(r) if !r.deleted => Some(r),
+                _ => None,
+            })
+    }
+
+    /// Placeholders directly inside `dir` (see [`Engine::placeholder`]).
+    pub fn placeholders_in(&self, dir: &RelPath) -> Vec<Record> {
+        let children = match lock(&self.db).remote_children(dir) {
+            Ok(c) => c,
+            Err(_) => return Vec::new(),
+        };
+        let mut by_path: BTreeMap<RelPath, Vec<(String, Record)>> = BTreeMap::new();
+        for (peer, r) in children {
+            by_path.entry(r.path.clone()).or_default().push((peer, r));
+        }
+        by_path
+            .into_iter()
+            .filter_map(|(p, rs)| self.installable(&p, rs))
+            .collect()
+    }
+
+    /// Pull `record.path` now (even in on-demand mode) and wait until the local index holds
+    /// that content, at most `timeout`. Fails at once when no peer that has it is connected.
+    pub fn fetch_now(&self, record: &Record, timeout: Duration) -> anyhow::Result<()> {
+        let path = record.path.clone();
+        let has_it: Vec<String> = lock(&self.db)
+            .remote_records(&path)?
+            .into_iter()
+            .filter(|(_, r)| r.same_content(record))
+            .map(|(peer, _)| peer)
+            .collect();
+        if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
+            anyhow::bail!("{path}: no connected peer has this version");
+        }
+        lock(&self.wanted).insert(path.clone());
+        lock(&self.retry).remove(&path);
+        self.mark_dirty([path.clone()]);
+        let end = Instant::now() + timeout;
+        let res = loop {
+            let here = self
+                .ctx
+                .local
+                .index
+                .lock()
+                .ok()
+                .and_then(|ix| ix.get(&path).ok().flatten())
+                .map(|s| s.record);
+            if here.is_some_and(|l| l.same_content(record) && !l.deleted) {
+                break Ok(());
+            }
+            if Instant::now() >= end {
+                break Err(anyhow::anyhow!("{path}: not fetched within {timeout:?}"));
+            }
+            if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
+                break Err(anyhow::anyhow!("{path}: the peer disconnected"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        lock(&self.wanted).remove(&path);
+        res
+    }
+
+    /// On-demand mode leaves files that are absent here to [`Engine::fetch_now`].
+    fn deferred(&self, pl: &Planned) -> bool {
+        if !self.on_demand || pl.local.as_ref().is_some_and(|l| !l.deleted) {
+            return false;
+        }
+        match &pl.action {
+            Action::Install(r) | Action::Conflict { record: r, .. } => {
+                r.kind == Kind::File && !lock(&self.wanted).contains(&pl.path)
+            }
+            _ => false,
+        }
+    }
+
+    fn applied(&self, paths: &[&RelPath]) {
+        let Some(f) = lock(&self.on_applied).clone() else {
+            return;
+        };
+        let paths: Vec<RelPath> = paths.iter().map(|p| (*p).clone()).collect();
+        // Kernel cache invalidation can wait on the kernel's locks of that inode: never on a
+        // runtime worker.
+        tokio::task::spawn_blocking(move || {
+            for p in &paths {
+                f(p);
+            }
+        });
     }
 
     fn request_scan(&self, p: RelPath) {
@@ -866,7 +1026,10 @@ impl Engine {
 
     async fn pull_batch(self: &Arc<Self>, paths: BTreeSet<RelPath>) {
         let plans = match self.plan_paths(paths.clone()).await {
-            Ok(p) => p,
+            Ok(mut p) => {
+                p.retain(|pl| !self.deferred(pl));
+                p
+            }
             Err(e) => {
                 self.set_error(format!("planning: {e:#}"));
                 for p in paths {
@@ -926,9 +1089,17 @@ impl Engine {
         }
         let path = pl.path.clone();
         let multi = pl.multi;
+        let loser = match &pl.action {
+            Action::Conflict { loser, .. } => Some(loser.clone()),
+            _ => None,
+        };
         let res = self.execute_inner(pl).await;
         match res {
             Ok(to_scan) => {
+                match &loser {
+                    Some(l) => self.applied(&[&path, l]),
+                    None => self.applied(&[&path]),
+                }
                 for p in to_scan {
                     self.request_scan(p);
                 }

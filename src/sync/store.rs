@@ -111,6 +111,42 @@ impl SyncDb {
         Ok(out)
     }
 
+    /// Every peer's records of the entries directly inside `dir`, as (peer, record).
+    pub fn remote_children(&self, dir: &RelPath) -> anyhow::Result<Vec<(String, Record)>> {
+        let (sql, lo, hi) = if dir.is_root() {
+            (
+                "SELECT peer, record FROM remote_files WHERE instr(path, '/') = 0",
+                String::new(),
+                String::new(),
+            )
+        } else {
+            // Everything below `dir/`: paths from "dir/" up to (not including) "dir0" ('0' is
+            // the character after '/').
+            (
+                "SELECT peer, record FROM remote_files WHERE path > ?1 AND path < ?2",
+                format!("{}/", dir.as_str()),
+                format!("{}0", dir.as_str()),
+            )
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let map = |r: &rusqlite::Row| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?));
+        let rows: Vec<(String, Vec<u8>)> = if dir.is_root() {
+            stmt.query_map([], map)?.collect::<Result<_, _>>()?
+        } else {
+            stmt.query_map(params![lo, hi], map)?
+                .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (peer, blob) in rows {
+            if let Ok(rec) = bincode::deserialize::<Record>(&blob) {
+                if rec.path.parent().as_ref() == Some(dir) {
+                    out.push((peer, rec));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every record a peer announced.
     pub fn all_remote(&self, peer: &str) -> anyhow::Result<Vec<Record>> {
         let mut stmt = self

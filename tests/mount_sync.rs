@@ -1,0 +1,279 @@
+//! `mybox mount --listen`: the daemon and the mount in one process. Two boxes paired on
+//! loopback; changes made through one mount reach the other box (store and mount), changes
+//! pulled by the engine are seen through the mount (kernel caches invalidated), and the
+//! daemon's commands work from inside the mount. Real processes and kernel mounts: root only;
+//! every mount is torn down by a guard.
+
+mod common;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pair, wait_for, TestBox, BIN};
+
+fn can_mount() -> bool {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: kernel mount tests need root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+/// A `mybox mount MP --listen 127.0.0.1:PORT` process for a test box; dropping it unmounts.
+struct SyncMount {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl SyncMount {
+    fn start(b: &TestBox) -> SyncMount {
+        SyncMount::start_with(b, &[])
+    }
+
+    fn start_with(b: &TestBox, extra: &[&str]) -> SyncMount {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let log = File::create(dir.path().join("mount.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--box")
+            .arg(&b.root)
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", b.port))
+            .args(["--rescan-interval", "3"])
+            .args(extra)
+            .env("MYBOX_LOG", "info,mybox=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut m = SyncMount {
+            _dir: dir,
+            mnt: mnt.clone(),
+            store: b.root.clone(),
+            child: Some(child),
+        };
+        let end = Instant::now() + Duration::from_secs(15);
+        while !mybox::mount::is_mountpoint(&mnt) || mybox::mount::is_stale(&mnt) {
+            if let Some(Ok(Some(st))) = m.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mount exited early ({st}):\n{}", m.log());
+            }
+            assert!(Instant::now() < end, "mount did not come up:\n{}", m.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self._dir.path().join("mount.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SyncMount {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .arg("umount")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut c) = self.child.take() {
+            let end = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if mybox::mount::is_mountpoint(&self.mnt) {
+            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+            // SAFETY: c is a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let log = self.log();
+        if log.contains("panicked") || std::thread::panicking() {
+            eprintln!("mount log of {}:\n{log}", self.store.display());
+        }
+    }
+}
+
+fn boxes() -> (TestBox, TestBox) {
+    let a = TestBox::new("a");
+    let b = TestBox::new("b");
+    pair(&a, &b);
+    (a, b)
+}
+
+#[test]
+fn mount_write_reaches_the_peer_store_and_mount() {
+    if !can_mount() {
+        return;
+    }
+    let (a, b) = boxes();
+    let ma = SyncMount::start(&a);
+    let mb = SyncMount::start(&b);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::create_dir(ma.p("docs")).unwrap();
+    fs::write(ma.p("docs/report.bin"), &data).unwrap();
+    wait_for("the file in B's store", Duration::from_secs(10), || {
+        b.read("docs/report.bin").as_deref() == Some(&data[..])
+    });
+    wait_for("the file in B's mount", Duration::from_secs(5), || {
+        fs::read(mb.p("docs/report.bin")).ok().as_deref() == Some(&data[..])
+    });
+    // And back: a change made in B's mount reaches A's mount.
+    fs::write(mb.p("docs/reply.txt"), b"got it").unwrap();
+    wait_for("the reply in A's mount", Duration::from_secs(10), || {
+        fs::read(ma.p("docs/reply.txt")).ok().as_deref() == Some(&b"got it"[..])
+    });
+}
+
+#[test]
+fn mount_sees_changes_pulled_from_the_peer() {
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start(&a);
+    b.write("notes.txt", b"version one\n");
+    wait_for("v1 through A's mount", Duration::from_secs(10), || {
+        fs::read(ma.p("notes.txt")).ok().as_deref() == Some(&b"version one\n"[..])
+    });
+    // Stat and read again so the kernel caches the entry, attributes and pages...
+    assert_eq!(fs::metadata(ma.p("notes.txt")).unwrap().len(), 12);
+    assert_eq!(fs::read(ma.p("notes.txt")).unwrap(), b"version one\n");
+    // ...then change it on B. The kernel keeps entries and attributes for 10 s: seeing the new
+    // size and bytes much sooner than that means the engine's apply invalidated them.
+    let v2 = b"version two, somewhat longer\n";
+    b.write("notes.txt", v2);
+    wait_for("v2 in A's store", Duration::from_secs(10), || {
+        a.read("notes.txt").as_deref() == Some(&v2[..])
+    });
+    // (Only stat here: an open makes the kernel refresh the attributes by itself.)
+    wait_for(
+        "v2's size through A's mount",
+        Duration::from_secs(2),
+        || fs::metadata(ma.p("notes.txt")).map(|m| m.len()).ok() == Some(v2.len() as u64),
+    );
+    assert_eq!(fs::read(ma.p("notes.txt")).unwrap(), v2);
+    assert_eq!(
+        fs::metadata(ma.p("notes.txt")).unwrap().len(),
+        v2.len() as u64
+    );
+    // A deletion on B disappears from the mount as well.
+    fs::remove_file(b.path("notes.txt")).unwrap();
+    wait_for("the deletion in A's store", Duration::from_secs(10), || {
+        a.read("notes.txt").is_none()
+    });
+    wait_for(
+        "the deletion through A's mount",
+        Duration::from_secs(2),
+        || !ma.p("notes.txt").exists(),
+    );
+}
+
+#[test]
+fn mount_daemon_commands_work_from_inside() {
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start(&a);
+    fs::create_dir(ma.p("sub")).unwrap();
+    fs::write(ma.p("sub/hello.txt"), b"hello").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(ma.p("sub"))
+            .env_remove("MYBOX_BOX")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut status = String::new();
+    wait_for(
+        "status to show B connected",
+        Duration::from_secs(10),
+        || {
+            status = run(&["status"]);
+            status.contains("connected") && !status.contains("not connected")
+        },
+    );
+    assert!(status.contains("daemon running for"), "{status}");
+    let sums = run(&["--local", "--json", "hash", "checkall"]);
+    assert!(sums.contains("sub/hello.txt"), "{sums}");
+    assert!(
+        sums.contains("5d41402abc4b2a76b9719d911017c592"),
+        "md5 of hello: {sums}"
+    );
+}
+
+#[test]
+fn mount_on_demand_placeholders_fetch_when_read() {
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    let one: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let two: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    fs::create_dir(b.path("data")).unwrap();
+    b.write("data/one.bin", &one);
+    b.write("data/two.bin", &two);
+    // Listed through the mount with the right size, before any content is here.
+    wait_for(
+        "the placeholders in A's mount",
+        Duration::from_secs(10),
+        || {
+            let names: Vec<String> = fs::read_dir(ma.p("data"))
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.contains(&"one.bin".to_string()) && names.contains(&"two.bin".to_string())
+        },
+    );
+    assert_eq!(fs::metadata(ma.p("data/one.bin")).unwrap().len(), 200_000);
+    assert_eq!(fs::metadata(ma.p("data/two.bin")).unwrap().len(), 50_000);
+    // The directory was applied in the background, the files' content was not.
+    assert!(a.path("data").is_dir());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.read("data/one.bin").is_none(), "pulled in the background");
+    assert!(a.read("data/two.bin").is_none(), "pulled in the background");
+    // Reading a placeholder fetches it.
+    assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
+    assert_eq!(a.read("data/one.bin").unwrap(), one);
+    // With B gone, reading the other one fails with EIO, well within the fetch bound.
+    b.stop();
+    let t = Instant::now();
+    let err = fs::read(ma.p("data/two.bin")).expect_err("read without a peer");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // What was fetched stays readable.
+    assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
+}
