@@ -9,18 +9,24 @@ source "$(dirname "$0")/common.sh"
 need hyperfine hyperfine; need rsync rsync
 build_mybox
 W="$BENCH_WORK/queries"; mkdir -p "$W"
-A="$W/a"; B="$W/b"; OUT="$W/out"
-if [[ ! -d $A/.mybox ]]; then
-  rm -rf "$A" "$B"; mkdir -p "$A"
+# A holds only the tree (what checkall and md5sum both hash); C holds only the 1 GiB file.
+A="$W/a"; B="$W/b"; C="$W/c"; OUT="$W/out"
+if [[ ! -d $A/.mybox || ! -d $C/.mybox ]]; then
+  rm -rf "$A" "$B" "$C"; mkdir -p "$A" "$C"
   make_tree "$A/tree"
   "$MYBOX" init "$A" > "$W/a.id" 2>/dev/null
   "$MYBOX" init "$B" > "$W/b.id" 2>/dev/null
+  "$MYBOX" init "$C" > "$W/c.id" 2>/dev/null
   "$MYBOX" --box "$A" peer add "$(cat "$W/b.id")" 127.0.0.1:9 2>/dev/null
+  "$MYBOX" --box "$C" peer add "$(cat "$W/b.id")" 127.0.0.1:9 2>/dev/null
 fi
-make_big "$A/big.bin"
+make_big "$C/big.bin"
 mkdir -p "$OUT"
 sshd_start
-trap 'mybox_stop "$A"; sshd_stop' EXIT
+trap 'mybox_stop "$A"; mybox_stop "$C"; sshd_stop' EXIT
+C_ADDR=$(mybox_serve "$C")
+"$MYBOX" --box "$B" peer add "$(cat "$W/c.id")" "$C_ADDR" 2>/dev/null
+PA="--peer $(cat "$W/a.id")"; PC="--peer $(cat "$W/c.id")"
 
 restart_a() {
   mybox_stop "$A"
@@ -49,19 +55,19 @@ for _ in \$(seq 200); do grep -q serving '$A.serve.out' 2>/dev/null && break; sl
 '$MYBOX' --box '$B' peer add '$(cat "$W/a.id")' \$(awk '{print \$NF}' '$A.serve.out') 2>/dev/null
 SH
 chmod +x "$W/fresh-a.sh"
-hf checkall-first --prepare "'$W/fresh-a.sh'" "'$MYBOX' --box '$B' hash checkall > /dev/null"
-"$MYBOX" --box "$B" hash checkall > /dev/null
-hf checkall-repeat --warmup 2 "'$MYBOX' --box '$B' hash checkall > /dev/null"
-"$MYBOX" --box "$B" hash checkall --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)), "files hashed by mybox")' >&2
+hf checkall-first --prepare "'$W/fresh-a.sh'" "'$MYBOX' --box '$B' $PA hash checkall > /dev/null"
+"$MYBOX" --box "$B" $PA hash checkall > /dev/null
+hf checkall-repeat --warmup 2 "'$MYBOX' --box '$B' $PA hash checkall > /dev/null"
+"$MYBOX" --box "$B" $PA hash checkall --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)), "files hashed by mybox")' >&2
 
 # 1 GiB transfer, cold cache, durable at the end.
-"$MYBOX" --box "$B" hash verify big.bin > /dev/null   # sender's hashes cached, as after any scan
-hf cp --prepare "rm -f '$OUT/big.bin'; sync; echo 3 > /proc/sys/vm/drop_caches" "cp '$A/big.bin' '$OUT/big.bin' && sync"
+"$MYBOX" --box "$B" $PC hash verify big.bin > /dev/null   # sender's hashes cached, as after any scan
+hf cp --prepare "rm -f '$OUT/big.bin'; sync; echo 3 > /proc/sys/vm/drop_caches" "cp '$C/big.bin' '$OUT/big.bin' && sync"
 hf rsync-ssh --prepare "rm -f '$OUT/big.bin'; sync; echo 3 > /proc/sys/vm/drop_caches" \
-  "rsync -a -e 'ssh $SSH_OPTS' '$A/big.bin' root@127.0.0.1:'$OUT/big.bin' && sync"
+  "rsync -a -e 'ssh $SSH_OPTS' '$C/big.bin' root@127.0.0.1:'$OUT/big.bin' && sync"
 hf download-tcp --prepare "rm -f '$OUT/big.bin'; sync; echo 3 > /proc/sys/vm/drop_caches" \
-  "'$MYBOX' --box '$B' download tcp big.bin -o '$OUT/big.bin' > /dev/null"
-cmp "$A/big.bin" "$OUT/big.bin" && log "download byte-identical"
+  "'$MYBOX' --box '$B' $PC download tcp big.bin -o '$OUT/big.bin' > /dev/null"
+cmp "$C/big.bin" "$OUT/big.bin" && log "download byte-identical"
 
 m() { median "$1"; }
 python3 - "$FILES" "$MB" "$(m md5sum)" "$(m checkall-first)" "$(m checkall-repeat)" "$(m cp)" "$(m rsync-ssh)" "$(m download-tcp)" <<'PY'
