@@ -97,3 +97,27 @@ rm "$S1/note.txt"
 for _ in $(seq 200); do [[ ! -e $S2/note.txt ]] && break; sleep 0.01; done
 [[ ! -e $S2/note.txt ]] && echo "the delete crossed too"
 run "$MYBOX" --box "$S2" status
+
+step "FUSE: both boxes mounted, syncing through their mounts"
+P1=$(free_port); P2=$(free_port)
+M1="$DEMO/mnt-phone"; M2="$DEMO/mnt-tablet"; mkdir -p "$M1" "$M2"
+"$MYBOX" init "$DEMO/phone" >/dev/null 2>&1; "$MYBOX" init "$DEMO/tablet" >/dev/null 2>&1
+"$MYBOX" --box "$DEMO/phone" peer add "$("$MYBOX" --box "$DEMO/tablet" id)" 127.0.0.1:$P2 2>/dev/null
+"$MYBOX" --box "$DEMO/tablet" peer add "$("$MYBOX" --box "$DEMO/phone" id)" 127.0.0.1:$P1 2>/dev/null
+"$MYBOX" --box "$DEMO/phone" mount "$M1" --listen 127.0.0.1:$P1 >/dev/null 2>"$DEMO/phone.log" & echo $! >> "$DEMO/pids"
+"$MYBOX" --box "$DEMO/tablet" mount "$M2" --listen 127.0.0.1:$P2 >/dev/null 2>"$DEMO/tablet.log" & echo $! >> "$DEMO/pids"
+unmount_all() { "$MYBOX" umount "$M1" 2>/dev/null || true; "$MYBOX" umount "$M2" 2>/dev/null || true; }
+trap 'unmount_all; cleanup' EXIT
+for _ in $(seq 100); do mountpoint -q "$M1" && mountpoint -q "$M2" && break; sleep 0.1; done
+run grep -E "mnt-(phone|tablet)" /proc/mounts
+echo "a note written into the phone's mount" > "$M1/from-phone.txt"
+mkdir "$M1/album"; head -c 3000000 /dev/urandom > "$M1/album/photo.jpg"
+for _ in $(seq 300); do [[ -f $M2/album/photo.jpg ]] && cmp -s "$M1/album/photo.jpg" "$M2/album/photo.jpg" && break; sleep 0.02; done
+run ls -l "$M2" "$M2/album"
+run cat "$M2/from-phone.txt"
+cmp "$M1/album/photo.jpg" "$M2/album/photo.jpg" && echo "photo.jpg is identical in both mounts"
+printf '$ cd %s && mybox hash checkall          # asks the peer (the phone)\n' "$M2"
+(cd "$M2" && env -u MYBOX_BOX "$MYBOX" hash checkall)
+printf '$ cd %s && mybox --local hash checkall  # this box itself\n' "$M2"
+(cd "$M2" && env -u MYBOX_BOX "$MYBOX" --local hash checkall)
+(cd "$M2" && env -u MYBOX_BOX "$MYBOX" status)
