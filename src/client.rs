@@ -341,12 +341,13 @@ pub async fn download_tcp(
     Err(last_err.unwrap_or_else(|| anyhow!("download failed")))
 }
 
-struct Failure {
-    error: anyhow::Error,
-    retryable: bool,
+/// Why a download attempt failed, and whether trying again can help (shared by TCP and UDP).
+pub(crate) struct Failure {
+    pub(crate) error: anyhow::Error,
+    pub(crate) retryable: bool,
 }
 
-fn fatal(e: impl Into<anyhow::Error>) -> Failure {
+pub(crate) fn fatal(e: impl Into<anyhow::Error>) -> Failure {
     Failure {
         error: e.into(),
         retryable: false,

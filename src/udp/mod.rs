@@ -510,18 +510,7 @@ impl driver::Sink for MemSink {
     }
 }
 
-/// Why an attempt failed, and whether trying again can help.
-struct Failure {
-    error: anyhow::Error,
-    retryable: bool,
-}
-
-fn fatal(e: impl Into<anyhow::Error>) -> Failure {
-    Failure {
-        error: e.into(),
-        retryable: false,
-    }
-}
+use crate::client::{fatal, Failure};
 
 fn remote_failure(e: RpcError) -> Failure {
     match e {
