@@ -227,12 +227,15 @@ impl Receiver {
             .file
             .as_mut()
             .ok_or_else(|| anyhow!("receiver closed"))?;
+        // Hash first, then write: the hash threads get the bytes while this thread may sit in the
+        // kernel's dirty-page throttling, so MD5 (the slowest step) never waits on the disk.
+        let data = Arc::new(data);
+        if let Some(p) = &self.pipeline {
+            p.feed(data.clone())?;
+        }
         f.write_all(&data)
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         self.written += data.len() as u64;
-        if let Some(p) = &self.pipeline {
-            p.feed(Arc::new(data))?;
-        }
         Ok(())
     }
 
