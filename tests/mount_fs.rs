@@ -2,6 +2,8 @@
 //! Every mount is torn down by a guard (umount, then a lazy detach) so a failing test never
 //! leaves a wedged mount behind. Skipped when not root or without /dev/fuse.
 
+mod mount_support;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -117,31 +119,15 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .arg("umount")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut c) = self.child.take() {
-            let end = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if mybox::mount::is_mountpoint(&self.mnt) {
-            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
-            // SAFETY: c is a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
         let log = self.log();
-        if log.contains("panicked") {
-            eprintln!("mount log:\n{log}");
-        }
+        mount_support::teardown(
+            BIN,
+            &self.mnt,
+            self.child.take(),
+            Duration::from_secs(3),
+            &log,
+            &self.mnt.display().to_string(),
+        );
     }
 }
 

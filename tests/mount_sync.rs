@@ -6,6 +6,8 @@
 
 mod common;
 
+mod mount_support;
+
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,31 +86,15 @@ impl SyncMount {
 
 impl Drop for SyncMount {
     fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .arg("umount")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut c) = self.child.take() {
-            let end = Instant::now() + Duration::from_secs(8);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if mybox::mount::is_mountpoint(&self.mnt) {
-            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
-            // SAFETY: c is a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
         let log = self.log();
-        if log.contains("panicked") || std::thread::panicking() {
-            eprintln!("mount log of {}:\n{log}", self.store.display());
-        }
+        mount_support::teardown(
+            BIN,
+            &self.mnt,
+            self.child.take(),
+            Duration::from_secs(8),
+            &log,
+            &self.store.display().to_string(),
+        );
     }
 }
 
