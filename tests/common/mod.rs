@@ -20,9 +20,20 @@ pub struct TestBox {
     pub name: String,
 }
 
+/// A port for a daemon that starts later. Chosen below Linux's ephemeral range (32768+), so an
+/// outgoing connection of another test cannot take it in the meantime, and never handed out twice
+/// in one test binary.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20000 + (std::process::id() % 6000) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + (start - 20000 + n * 7) % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn mybox(root: &Path, args: &[&str]) -> std::process::Output {
