@@ -129,11 +129,8 @@ impl Index {
     pub fn get(&self, path: &RelPath) -> anyhow::Result<Option<Stored>> {
         Ok(self
             .conn
-            .query_row(
-                "SELECT * FROM files WHERE path = ?1",
-                params![path.as_str()],
-                row_to_stored,
-            )
+            .prepare_cached("SELECT * FROM files WHERE path = ?1")?
+            .query_row(params![path.as_str()], row_to_stored)
             .optional()?)
     }
 
@@ -225,7 +222,8 @@ impl Index {
     pub fn max_sequence(&self) -> anyhow::Result<u64> {
         let v: Option<i64> = self
             .conn
-            .query_row("SELECT MAX(sequence) FROM files", [], |r| r.get(0))?;
+            .prepare_cached("SELECT MAX(sequence) FROM files")?
+            .query_row([], |r| r.get(0))?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
@@ -233,16 +231,16 @@ impl Index {
     pub fn next_sequence(&self) -> anyhow::Result<u64> {
         let cur: Option<i64> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT value FROM meta WHERE key = 'sequence'")?
+            .query_row([], |r| r.get(0))
             .optional()?;
         let next = cur.unwrap_or(0).max(self.max_sequence()? as i64) + 1;
-        self.conn.execute(
-            "INSERT INTO meta(key, value) VALUES('sequence', ?1)
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta(key, value) VALUES('sequence', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![next],
-        )?;
+            )?
+            .execute(params![next])?;
         Ok(next as u64)
     }
 
@@ -251,9 +249,8 @@ impl Index {
     pub fn seq_alloc(&self) -> anyhow::Result<SeqAlloc> {
         let cur: Option<i64> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'sequence'", [], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT value FROM meta WHERE key = 'sequence'")?
+            .query_row([], |r| r.get(0))
             .optional()?;
         Ok(SeqAlloc {
             last: cur.unwrap_or(0).max(self.max_sequence()? as i64) as u64,
@@ -296,8 +293,8 @@ impl Index {
 
     /// Update only the stat key of a record whose content proved unchanged.
     pub fn set_stat(&self, path: &RelPath, stat: StatKey) -> anyhow::Result<()> {
-        self.conn.execute(
-            "UPDATE files SET st_size = ?2, st_mtime_ns = ?3, st_ctime_ns = ?4, st_inode = ?5 WHERE path = ?1",
+        self.conn.prepare_cached("UPDATE files SET st_size = ?2, st_mtime_ns = ?3, st_ctime_ns = ?4, st_inode = ?5 WHERE path = ?1")?
+            .execute(
             params![path.as_str(), stat.size as i64, stat.mtime_ns, stat.ctime_ns, stat.inode as i64],
         )?;
         Ok(())
@@ -389,15 +386,14 @@ impl Index {
     pub fn meta_get(&self, key: &str) -> anyhow::Result<Option<i64>> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row(params![key], |r| r.get(0))
             .optional()?)
     }
 
     pub fn meta_set(&self, key: &str, value: i64) -> anyhow::Result<()> {
-        self.conn.execute(
-            "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        self.conn.prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute(
             params![key, value],
         )?;
         Ok(())

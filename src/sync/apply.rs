@@ -190,7 +190,7 @@ impl Applier {
             .locks
             .lock(&path, Mode::Exclusive, LOCK_WAIT)
             .ok_or_else(|| ApplyError::Busy(path.clone()))?;
-        let ix = self
+        let mut ix = self
             .local
             .index
             .lock()
@@ -204,8 +204,13 @@ impl Applier {
         let full = self.full(&path)?;
         let stat = op(&full, cur.as_ref())?;
         let mut rec = rec;
-        rec.sequence = ix.next_sequence()?;
-        ix.put(&rec, stat)?;
+        // One transaction for the sequence and the record (one WAL commit, not three).
+        ix.transaction(|ix| {
+            let mut seq = ix.seq_alloc()?;
+            rec.sequence = seq.take();
+            ix.put(&rec, stat)?;
+            seq.commit(ix)
+        })?;
         drop(ix);
         let blocks: &[[u8; 32]] = if rec.kind == Kind::File && !rec.deleted {
             &rec.blocks
@@ -382,39 +387,27 @@ impl Applier {
         })
     }
 
-    /// Finish a built file and put it in place (moving the local version to `loser` first when
-    /// this resolves a conflict). Returns paths to scan (created parents, the conflict copy).
-    pub fn finish_file(
-        &self,
-        b: Building,
-        expected: Option<&Record>,
-        loser: Option<&RelPath>,
-    ) -> Result<Vec<RelPath>, ApplyError> {
-        let Building {
-            rec,
-            mut file,
-            mut guard,
-            ..
-        } = b;
-        let path = rec.path.clone();
-        file.set_len(rec.size).map_err(|e| ctx_err(&path, e))?;
+    /// Give a built file its final size, mode and mtime and check it against the record (the
+    /// whole content when small; large files were verified block by block as they arrived).
+    fn seal(&self, b: &mut Building) -> Result<(), ApplyError> {
+        let rec = &b.rec;
+        let path = &rec.path;
+        let file = &mut b.file;
+        file.set_len(rec.size).map_err(|e| ctx_err(path, e))?;
         file.set_permissions(std::fs::Permissions::from_mode(rec.mode & 0o7777))
-            .map_err(|e| ctx_err(&path, e))?;
+            .map_err(|e| ctx_err(path, e))?;
         let mtime = filetime::FileTime::from_unix_time(
             rec.mtime_ns.div_euclid(1_000_000_000),
             rec.mtime_ns.rem_euclid(1_000_000_000) as u32,
         );
-        filetime::set_file_handle_times(&file, None, Some(mtime)).map_err(|e| ctx_err(&path, e))?;
-        file.sync_all().map_err(|e| ctx_err(&path, e))?;
-        // Check the whole content once more against the record's file hash when it is small;
-        // large files were verified block by block as they were written.
+        filetime::set_file_handle_times(file, None, Some(mtime)).map_err(|e| ctx_err(path, e))?;
         if rec.size <= 4 * 1024 * 1024 {
             file.seek(SeekFrom::Start(0))
-                .map_err(|e| ctx_err(&path, e))?;
+                .map_err(|e| ctx_err(path, e))?;
             let mut h = Sha256::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = file.read(&mut buf).map_err(|e| ctx_err(&path, e))?;
+                let n = file.read(&mut buf).map_err(|e| ctx_err(path, e))?;
                 if n == 0 {
                     break;
                 }
@@ -426,30 +419,189 @@ impl Applier {
                 )));
             }
         }
-        drop(file);
+        Ok(())
+    }
+
+    /// Rename a sealed temp file to its path (moving the local version to `loser` first when this
+    /// resolves a conflict; a directory in the way is removed if empty). Returns the stat key of
+    /// the result; the caller holds the path lock and the index lock and has checked the disk.
+    fn place(
+        &self,
+        guard: &mut TempGuard,
+        path: &RelPath,
+        full: &Path,
+        loser: Option<&RelPath>,
+        to_scan: &mut Vec<RelPath>,
+    ) -> Result<Option<StatKey>, ApplyError> {
         let tmp_path = guard
             .0
             .clone()
             .ok_or_else(|| ApplyError::Other("temp file vanished".into()))?;
-        let mut to_scan = self.make_parents(&path)?;
-        let rec_path = path.clone();
-        self.commit(rec, expected, |full, _cur| {
-            if let Some(l) = loser {
-                if lstat(full).map_err(|e| ctx_err(&rec_path, e))?.is_some() {
-                    to_scan.push(self.move_aside(full, l)?);
-                }
-            } else if lstat(full)
-                .map_err(|e| ctx_err(&rec_path, e))?
-                .is_some_and(|m| m.is_dir())
-            {
-                self.clear(&rec_path, full)?;
+        if let Some(l) = loser {
+            if lstat(full).map_err(|e| ctx_err(path, e))?.is_some() {
+                to_scan.push(self.move_aside(full, l)?);
             }
-            std::fs::rename(&tmp_path, full).map_err(|e| ctx_err(&rec_path, e))?;
-            guard.0 = None;
-            let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(&rec_path, e))?;
-            Ok(Some(StatKey::of(&md)))
+        } else if lstat(full)
+            .map_err(|e| ctx_err(path, e))?
+            .is_some_and(|m| m.is_dir())
+        {
+            self.clear(path, full)?;
+        }
+        std::fs::rename(&tmp_path, full).map_err(|e| ctx_err(path, e))?;
+        guard.0 = None;
+        let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(path, e))?;
+        Ok(Some(StatKey::of(&md)))
+    }
+
+    /// Finish a built file and put it in place (moving the local version to `loser` first when
+    /// this resolves a conflict). Returns paths to scan (created parents, the conflict copy).
+    pub fn finish_file(
+        &self,
+        mut b: Building,
+        expected: Option<&Record>,
+        loser: Option<&RelPath>,
+    ) -> Result<Vec<RelPath>, ApplyError> {
+        self.seal(&mut b)?;
+        b.file.sync_all().map_err(|e| ctx_err(&b.rec.path, e))?;
+        let Building {
+            rec,
+            file,
+            mut guard,
+            ..
+        } = b;
+        drop(file);
+        let path = rec.path.clone();
+        let mut to_scan = self.make_parents(&path)?;
+        let mut placed = Vec::new();
+        self.commit(rec, expected, |full, _cur| {
+            let stat = self.place(&mut guard, &path, full, loser, &mut placed)?;
+            if let Some(parent) = full.parent() {
+                // The rename is durable only once its directory is (and before the index says so).
+                sync_dir(parent).map_err(|e| ctx_err(&path, e))?;
+            }
+            Ok(stat)
         })?;
+        to_scan.extend(placed);
         Ok(to_scan)
+    }
+
+    /// Finish many built files at once, each as [`finish_file`](Self::finish_file) would (no
+    /// conflicts here): one `syncfs` makes all their data durable, then under the index lock
+    /// every path is checked and renamed, a second `syncfs` makes the renames durable, and one
+    /// transaction records them all. Per file that replaces two fsyncs and four SQLite commits,
+    /// which dominated an initial sync of many small files. Results come back in input order.
+    pub fn finish_files(
+        &self,
+        batch: Vec<(Building, Option<Record>)>,
+    ) -> Vec<(RelPath, Result<Vec<RelPath>, ApplyError>)> {
+        struct Item {
+            rec: Record,
+            guard: TempGuard,
+            expected: Option<Record>,
+            to_scan: Vec<RelPath>,
+            stat: Option<StatKey>,
+            result: Result<(), ApplyError>,
+        }
+        let mut sync_fd: Option<File> = None;
+        let mut items: Vec<Item> = batch
+            .into_iter()
+            .map(|(mut b, expected)| {
+                let result = self.seal(&mut b);
+                if result.is_ok() && sync_fd.is_none() {
+                    sync_fd = b.file.try_clone().ok();
+                }
+                Item {
+                    rec: b.rec,
+                    guard: b.guard,
+                    expected,
+                    to_scan: Vec::new(),
+                    stat: None,
+                    result,
+                }
+            })
+            .collect();
+        let fail_all = |items: &mut Vec<Item>, e: &ApplyError| {
+            for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+                it.result = Err(match e {
+                    ApplyError::NoSpace(m) => ApplyError::NoSpace(format!("{}: {m}", it.rec.path)),
+                    other => ApplyError::Other(format!("{}: {other}", it.rec.path)),
+                });
+            }
+        };
+        if let Some(f) = &sync_fd {
+            if let Err(e) = syncfs(f) {
+                fail_all(&mut items, &ApplyError::from(e));
+            }
+        }
+        for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+            match self.make_parents(&it.rec.path) {
+                Ok(created) => it.to_scan = created,
+                Err(e) => it.result = Err(e),
+            }
+        }
+        // Path locks before the index lock, as everywhere; a path being written is retried later.
+        let mut guards = Vec::new();
+        for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+            match self.locks.try_lock(&it.rec.path, Mode::Exclusive) {
+                Some(g) => guards.push(g),
+                None => it.result = Err(ApplyError::Busy(it.rec.path.clone())),
+            }
+        }
+        let committed = match self.local.index.lock() {
+            Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
+            Ok(mut ix) => ix.transaction(|ix| {
+                let mut seq = ix.seq_alloc()?;
+                let mut renamed = false;
+                for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+                    let path = it.rec.path.clone();
+                    let cur = ix.get(&path)?;
+                    let step = (|| {
+                        if !same_version(cur.as_ref().map(|s| &s.record), it.expected.as_ref())
+                            || !self.disk_matches(&path, cur.as_ref())?
+                        {
+                            return Err(ApplyError::LocalChange(path.clone()));
+                        }
+                        let full = self.full(&path)?;
+                        self.place(&mut it.guard, &path, &full, None, &mut it.to_scan)
+                    })();
+                    match step {
+                        Ok(stat) => {
+                            renamed = true;
+                            it.stat = stat;
+                            it.rec.sequence = seq.take();
+                            ix.put(&it.rec, it.stat)?;
+                        }
+                        Err(e) => it.result = Err(e),
+                    }
+                }
+                if renamed {
+                    if let Some(f) = &sync_fd {
+                        syncfs(f)?;
+                    }
+                }
+                seq.commit(ix)
+            }),
+        };
+        drop(guards);
+        if let Err(e) = committed {
+            // The renames happened but are not recorded: the scanner finds those files and,
+            // their content being the peer's, they converge without a conflict.
+            fail_all(&mut items, &ApplyError::from(e));
+        }
+        if let Ok(mut db) = self.db.lock() {
+            let done: Vec<(&RelPath, &[[u8; 32]])> = items
+                .iter()
+                .filter(|it| it.result.is_ok())
+                .map(|it| (&it.rec.path, &it.rec.blocks[..]))
+                .collect();
+            if let Err(e) = db.set_blocks_many(&done) {
+                tracing::warn!("block table: {e:#}");
+            }
+        }
+        items
+            .into_iter()
+            .map(|it| (it.rec.path, it.result.map(|()| it.to_scan)))
+            .collect()
     }
 
     /// The local file already has the record's content: only mode and mtime change.
@@ -577,4 +729,20 @@ pub fn read_block(f: &File, i: u64, size: u64, want: &[u8; 32]) -> io::Result<Op
         return Ok(None);
     }
     Ok(Some(buf))
+}
+
+/// Flush every dirty page and inode of the file system holding `f` (one call for a whole batch).
+fn syncfs(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// fsync a directory, so the entries just renamed into it survive a power cut.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::identity::DeviceId;
-use crate::model::{Kind, Record, VvOrder};
+use crate::model::{Kind, Record, VersionVector, VvOrder};
 use crate::net::rpc::{Conn, Handler, Responder, RpcError};
 use crate::paths::RelPath;
 use crate::protocol::{ErrorCode, Request, Response};
 use crate::scan::{self, HashWanted, IgnoreRules};
 use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
-use crate::sync::apply::{self, Applier, ApplyError};
+use crate::sync::apply::{self, Applier, ApplyError, Building};
 use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
@@ -32,6 +32,18 @@ const PULL_SLOTS: u32 = 32;
 const BIG_FILE_SLOTS: u32 = 8;
 /// More distinct changed paths than this in one debounce window: scan the whole store.
 const MAX_SCAN_ROOTS: usize = 64;
+/// Files at most this big are put in place in batches (see [`Engine::finisher`]).
+const BATCH_MAX_FILE: u64 = 16 * 1024 * 1024;
+/// Dirty paths planned at a time.
+const PLAN_CHUNK: usize = 1000;
+/// At most this many files per batch (and fetched files waiting for one).
+const FINISH_BATCH: usize = 256;
+
+/// A file fetched into the temp folder, waiting for the finisher.
+struct Fetched {
+    pl: Planned,
+    building: Building,
+}
 
 #[derive(Default)]
 struct PeerSlot {
@@ -720,33 +732,25 @@ impl Engine {
     /// Queue every path where the stored index of `peer` has something we lack.
     async fn mark_need(&self, peer: String) {
         let db = self.db.clone();
-        let local = self.ctx.local.clone();
+        // Streamed, and local records without their block lists: at 100k files loading both
+        // indexes whole cost more memory than the rest of the daemon.
         let res = blocking(move || -> anyhow::Result<Vec<RelPath>> {
-            let remote = lock(&db).all_remote(&peer)?;
-            if remote.is_empty() {
-                return Ok(Vec::new());
-            }
-            let ix = local
-                .index
-                .lock()
-                .map_err(|_| anyhow::anyhow!("index lock"))?;
-            let mine: HashMap<RelPath, Record> = ix
-                .all()?
+            let db = lock(&db);
+            let mine: HashMap<RelPath, VersionVector> = db
+                .local_light()?
                 .into_iter()
-                .map(|s| (s.record.path.clone(), s.record))
+                .map(|r| (r.path, r.version))
                 .collect();
-            Ok(remote
-                .into_iter()
-                .filter(|r| {
-                    mine.get(&r.path).is_none_or(|l| {
-                        matches!(
-                            r.version.compare(&l.version),
-                            VvOrder::Greater | VvOrder::Concurrent
-                        )
-                    })
-                })
-                .map(|r| r.path)
-                .collect())
+            let mut out = Vec::new();
+            db.for_each_remote(&peer, |r| {
+                let newer = mine.get(&r.path).is_none_or(|v| {
+                    matches!(r.version.compare(v), VvOrder::Greater | VvOrder::Concurrent)
+                });
+                if newer {
+                    out.push(r.path);
+                }
+            })?;
+            Ok(out)
         })
         .await;
         match res {
@@ -1025,58 +1029,77 @@ impl Engine {
     }
 
     async fn pull_batch(self: &Arc<Self>, paths: BTreeSet<RelPath>) {
-        let plans = match self.plan_paths(paths.clone()).await {
-            Ok(mut p) => {
-                p.retain(|pl| !self.deferred(pl));
-                p
-            }
-            Err(e) => {
-                self.set_error(format!("planning: {e:#}"));
-                for p in paths {
-                    self.retry_later(p, Duration::from_secs(2));
-                }
-                return;
-            }
-        };
-        // Order: index-only updates and directories (parents first), then files and links in
-        // parallel, then deletions (children first) — after the files, so a renamed file can
-        // still copy its blocks from the old path.
-        let mut dirs = Vec::new();
-        let mut files = Vec::new();
-        let mut deletes = Vec::new();
-        for pl in plans {
-            match &pl.action {
-                Action::Delete(_) => deletes.push(pl),
-                Action::Install(r) | Action::Conflict { record: r, .. } if r.kind == Kind::Dir => {
-                    dirs.push(pl)
-                }
-                Action::Record(_) | Action::Rescan => dirs.push(pl),
-                _ => files.push(pl),
-            }
-        }
-        for pl in dirs {
-            self.execute(pl).await;
-        }
-        // Detached tasks bounded by the semaphore, not a JoinSet: a JoinSet keeps every finished
-        // task's allocation until it is joined, which for 100k files is hundreds of MB.
+        // Planned and started a chunk at a time (plans carry whole records: 100k of them at once
+        // was most of the daemon's memory). Order within a chunk: index-only updates and
+        // directories (parents first), then files and links in parallel; deletions (children
+        // first) wait until every file is in place, so a renamed file can still copy its blocks
+        // from the old path.
         let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
-        for pl in files {
-            let size = match &pl.action {
-                Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
-                _ => 0,
+        let (fin_tx, fin_rx) = mpsc::channel::<Fetched>(FINISH_BATCH);
+        let finisher = tokio::spawn(self.clone().finisher(fin_rx));
+        let mut deletes = Vec::new();
+        let mut rest = paths.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: BTreeSet<RelPath> = rest.by_ref().take(PLAN_CHUNK).collect();
+            let plans = match self.plan_paths(chunk.clone()).await {
+                Ok(mut p) => {
+                    p.retain(|pl| !self.deferred(pl));
+                    p
+                }
+                Err(e) => {
+                    self.set_error(format!("planning: {e:#}"));
+                    for p in chunk {
+                        self.retry_later(p, Duration::from_secs(2));
+                    }
+                    continue;
+                }
             };
-            let slots = (size / (256 * 1024)).clamp(1, BIG_FILE_SLOTS as u64) as u32;
-            let Ok(permit) = sem.clone().acquire_many_owned(slots).await else {
-                break;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.execute(pl).await;
-                drop(permit);
-            });
+            let mut dirs = Vec::new();
+            let mut files = Vec::new();
+            for pl in plans {
+                match &pl.action {
+                    Action::Delete(_) => deletes.push(pl),
+                    Action::Install(r) | Action::Conflict { record: r, .. }
+                        if r.kind == Kind::Dir =>
+                    {
+                        dirs.push(pl)
+                    }
+                    Action::Record(_) | Action::Rescan => dirs.push(pl),
+                    _ => files.push(pl),
+                }
+            }
+            for pl in dirs {
+                self.execute(pl).await;
+            }
+            // Detached tasks bounded by the semaphore, not a JoinSet: a JoinSet keeps every
+            // finished task's allocation until it is joined.
+            for pl in files {
+                let size = match &pl.action {
+                    Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
+                    _ => 0,
+                };
+                let slots = (size / (256 * 1024)).clamp(1, BIG_FILE_SLOTS as u64) as u32;
+                let Ok(permit) = sem.clone().acquire_many_owned(slots).await else {
+                    break;
+                };
+                let me = self.clone();
+                let batched = matches!(&pl.action,
+                    Action::Install(r) if r.kind == Kind::File && r.size <= BATCH_MAX_FILE);
+                let fin = fin_tx.clone();
+                tokio::spawn(async move {
+                    if batched {
+                        me.execute_batched(pl, &fin).await;
+                    } else {
+                        me.execute(pl).await;
+                    }
+                    drop(permit);
+                });
+            }
         }
-        // Every slot back means every file task has finished.
+        drop(fin_tx);
+        // Every slot back means every file task has finished; the finisher ends with the last one.
         let _ = sem.acquire_many(PULL_SLOTS).await;
+        let _ = finisher.await;
         deletes.sort_by(|a, b| b.path.cmp(&a.path));
         for pl in deletes {
             self.execute(pl).await;
@@ -1094,6 +1117,83 @@ impl Engine {
             _ => None,
         };
         let res = self.execute_inner(pl).await;
+        self.settle(path, multi, loser, res);
+    }
+
+    /// A plain install of a file, fetched here and handed to the finisher to be put in place with
+    /// others (see [`Applier::finish_files`]).
+    async fn execute_batched(self: &Arc<Self>, pl: Planned, finisher: &mpsc::Sender<Fetched>) {
+        if self.stopping() {
+            return;
+        }
+        let Action::Install(rec) = pl.action.clone() else {
+            return self.execute(pl).await;
+        };
+        match self.build(&pl.peer, rec, pl.local.clone(), true).await {
+            Ok(None) => self.settle(pl.path, pl.multi, None, Ok(Vec::new())),
+            Ok(Some(building)) => {
+                let (path, multi) = (pl.path.clone(), pl.multi);
+                if finisher.send(Fetched { pl, building }).await.is_err() {
+                    self.settle(
+                        path.clone(),
+                        multi,
+                        None,
+                        Err(ApplyError::Other(format!("{path}: finisher gone"))),
+                    );
+                }
+            }
+            Err(e) => self.settle(pl.path, pl.multi, None, Err(e)),
+        }
+    }
+
+    /// Put fetched files in place in batches: whatever has arrived while the previous batch was
+    /// being committed forms the next one, so a lone file goes at once and a flood of small files
+    /// shares its fsyncs and index commits.
+    async fn finisher(self: Arc<Self>, mut rx: mpsc::Receiver<Fetched>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < FINISH_BATCH {
+                match rx.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+            let metas: Vec<(RelPath, bool)> = batch
+                .iter()
+                .map(|f| (f.pl.path.clone(), f.pl.multi))
+                .collect();
+            let items: Vec<_> = batch
+                .into_iter()
+                .map(|f| (f.building, f.pl.local))
+                .collect();
+            let ap = self.applier.clone();
+            match blocking(move || ap.finish_files(items)).await {
+                Ok(results) => {
+                    for ((path, multi), (_, res)) in metas.into_iter().zip(results) {
+                        if res.is_ok() {
+                            self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.settle(path, multi, None, res);
+                    }
+                }
+                Err(e) => {
+                    for (path, multi) in metas {
+                        let err = ApplyError::Other(format!("{path}: {e:#}"));
+                        self.settle(path, multi, None, Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Record the outcome of applying one planned path: caches, rescans, retries, errors.
+    fn settle(
+        &self,
+        path: RelPath,
+        multi: bool,
+        loser: Option<RelPath>,
+        res: Result<Vec<RelPath>, ApplyError>,
+    ) {
         match res {
             Ok(to_scan) => {
                 match &loser {
@@ -1174,12 +1274,35 @@ impl Engine {
             return blocking(move || ap.install_other(rec, expected.as_ref(), loser.as_ref()))
                 .await?;
         }
+        let Some(building) = self
+            .build(peer, rec, expected.clone(), loser.is_none())
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let out =
+            blocking(move || ap.finish_file(building, expected.as_ref(), loser.as_ref())).await??;
+        self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Build a file in the temp folder from local blocks and the peer's; `None` when the local
+    /// file already had the content and only its metadata needed setting (done here, when
+    /// `meta_shortcut`).
+    async fn build(
+        self: &Arc<Self>,
+        peer: &str,
+        rec: Record,
+        expected: Option<Record>,
+        meta_shortcut: bool,
+    ) -> Result<Option<Building>, ApplyError> {
+        let ap = self.applier.clone();
         // Same content already here: only metadata changes.
-        if loser.is_none() {
+        if meta_shortcut {
             if let Some(l) = expected.as_ref() {
                 if l.kind == Kind::File && !l.deleted && l.same_content(&rec) {
                     blocking(move || ap.set_meta(rec, expected.as_ref())).await??;
-                    return Ok(Vec::new());
+                    return Ok(None);
                 }
             }
         }
@@ -1235,10 +1358,7 @@ impl Engine {
                 }
             }
         }
-        let out =
-            blocking(move || ap.finish_file(building, expected.as_ref(), loser.as_ref())).await??;
-        self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
-        Ok(out)
+        Ok(Some(building))
     }
 
     // ---------------------------------------------------------------- status

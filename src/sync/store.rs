@@ -48,21 +48,19 @@ impl SyncDb {
     pub fn remote_seq(&self, peer: &str) -> anyhow::Result<u64> {
         let v: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT seq FROM remote_seq WHERE peer = ?1",
-                params![peer],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT seq FROM remote_seq WHERE peer = ?1")?
+            .query_row(params![peer], |r| r.get(0))
             .optional()?;
         Ok(v.unwrap_or(0).max(0) as u64)
     }
 
     pub fn set_remote_seq(&self, peer: &str, seq: u64) -> anyhow::Result<()> {
-        self.conn.execute(
-            "INSERT INTO remote_seq(peer, seq) VALUES(?1, ?2)
+        self.conn
+            .prepare_cached(
+                "INSERT INTO remote_seq(peer, seq) VALUES(?1, ?2)
              ON CONFLICT(peer) DO UPDATE SET seq = excluded.seq",
-            params![peer, seq as i64],
-        )?;
+            )?
+            .execute(params![peer, seq as i64])?;
         Ok(())
     }
 
@@ -87,9 +85,11 @@ impl SyncDb {
     /// Forget everything a peer announced (its index was recreated).
     pub fn reset_remote(&self, peer: &str) -> anyhow::Result<()> {
         self.conn
-            .execute("DELETE FROM remote_files WHERE peer = ?1", params![peer])?;
+            .prepare_cached("DELETE FROM remote_files WHERE peer = ?1")?
+            .execute(params![peer])?;
         self.conn
-            .execute("DELETE FROM remote_seq WHERE peer = ?1", params![peer])?;
+            .prepare_cached("DELETE FROM remote_seq WHERE peer = ?1")?
+            .execute(params![peer])?;
         Ok(())
     }
 
@@ -142,21 +142,6 @@ impl SyncDb {
                 if rec.path.parent().as_ref() == Some(dir) {
                     out.push((peer, rec));
                 }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every record a peer announced.
-    pub fn all_remote(&self, peer: &str) -> anyhow::Result<Vec<Record>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT record FROM remote_files WHERE peer = ?1")?;
-        let rows = stmt.query_map(params![peer], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            if let Ok(rec) = bincode::deserialize::<Record>(&row?) {
-                out.push(rec);
             }
         }
         Ok(out)
@@ -237,6 +222,24 @@ impl SyncDb {
                 tx.prepare_cached("INSERT INTO blocks(hash, path, idx) VALUES(?1, ?2, ?3)")?;
             for (i, h) in blocks.iter().enumerate() {
                 stmt.execute(params![&h[..], path.as_str(), i as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// [`set_blocks`](Self::set_blocks) for many files in one transaction.
+    pub fn set_blocks_many(&mut self, files: &[(&RelPath, &[[u8; 32]])]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM blocks WHERE path = ?1")?;
+            let mut ins =
+                tx.prepare_cached("INSERT INTO blocks(hash, path, idx) VALUES(?1, ?2, ?3)")?;
+            for (path, blocks) in files {
+                del.execute(params![path.as_str()])?;
+                for (i, h) in blocks.iter().enumerate() {
+                    ins.execute(params![&h[..], path.as_str(), i as i64])?;
+                }
             }
         }
         tx.commit()?;
