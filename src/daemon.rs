@@ -263,6 +263,13 @@ pub fn status(b: &BoxDir, json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    if v["on_demand"].as_bool() == Some(true) {
+        println!(
+            "online-only (fetched when read): {} files, {}",
+            n(&v["online_only_files"]),
+            size(n(&v["online_only_bytes"]))
+        );
+    }
     println!("conflicts: {}", n(&v["conflicts"]));
     match v["last_error"].as_str() {
         Some(e) => println!("last error: {e} (at {})", s(&v["last_error_at"])),

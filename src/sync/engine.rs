@@ -1371,57 +1371,74 @@ impl Engine {
     }
 
     fn status_blocking(&self) -> serde_json::Value {
-        let mine: HashMap<RelPath, Record> = lock(&self.db)
-            .local_light()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r.path.clone(), r))
-            .collect();
-        let conflicts = mine
-            .values()
-            .filter(|r| !r.deleted && planner::is_conflict_copy(&r.path))
-            .count();
+        // Streams over both indexes (merge by path): a status poll must not cost memory in
+        // proportion to the number of files.
+        let (mut files, mut conflicts) = (0u64, 0u64);
+        let _ = lock(&self.db).for_each_local_light(|r| {
+            if !r.deleted {
+                files += 1;
+                if planner::is_conflict_copy(&r.path) {
+                    conflicts += 1;
+                }
+            }
+        });
         let mut peers_json = Vec::new();
         let cfg = self.ctx.local.dir.load_config().ok();
         let ignore = IgnoreRules::load(&self.ctx.local.dir);
+        let wanted = lock(&self.wanted).clone();
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
+        let (mut online_files, mut online_bytes) = (0u64, 0u64);
         for id in self.ctx.peers.current() {
             let peer = id.to_string();
-            // What the peer announced, reduced to what "does it still need ours" looks at.
-            let mut theirs: HashMap<RelPath, Record> = HashMap::new();
-            let (mut nf, mut nb) = (0u64, 0u64);
-            let _ = lock(&self.db).for_each_remote(&peer, |r| {
-                let ignored = ignore.is_ignored(&r.path, r.kind == Kind::Dir);
-                // Blocks were dropped for memory; the planner only needs them to be complete.
-                let mut full = r.clone();
-                full.blocks = vec![[0; 32]; r.size.div_ceil(crate::model::BLOCK_SIZE) as usize];
-                if !ignored && planner::plan(mine.get(&r.path), &full) != Action::Nothing {
-                    nf += 1;
-                    if r.kind == Kind::File && !r.deleted {
-                        nb += r.size;
+            let (mut nf, mut nb, mut of, mut ob) = (0u64, 0u64, 0u64, 0u64);
+            let _ = lock(&self.db).merge_with_remote(&peer, |l, r| {
+                let Some(r) = r else {
+                    // Only here: the peer still needs it unless it is a tombstone.
+                    if let Some(l) = l.filter(|l| !l.deleted) {
+                        of += 1;
+                        if l.kind == Kind::File {
+                            ob += l.size;
+                        }
                     }
-                }
-                theirs.insert(r.path.clone(), r);
-            });
-            let (mut of, mut ob) = (0u64, 0u64);
-            for l in mine.values() {
-                let need = match theirs.get(&l.path) {
-                    None => !l.deleted,
-                    Some(r) => {
-                        matches!(
-                            l.version.compare(&r.version),
-                            VvOrder::Greater | VvOrder::Concurrent
-                        ) && !l.same_content(r)
-                    }
+                    return;
                 };
-                if need {
-                    of += 1;
-                    if l.kind == Kind::File && !l.deleted {
-                        ob += l.size;
+                if let Some(l) = &l {
+                    let newer = matches!(
+                        l.version.compare(&r.version),
+                        VvOrder::Greater | VvOrder::Concurrent
+                    );
+                    if newer && !l.same_content(&r) {
+                        of += 1;
+                        if l.kind == Kind::File && !l.deleted {
+                            ob += l.size;
+                        }
                     }
                 }
-            }
-            drop(theirs);
+                if ignore.is_ignored(&r.path, r.kind == Kind::Dir) {
+                    return;
+                }
+                // Blocks were dropped for memory; the planner only needs them to be complete.
+                let mut full = r;
+                full.blocks = vec![[0; 32]; full.size.div_ceil(crate::model::BLOCK_SIZE) as usize];
+                if planner::plan(l.as_ref(), &full) == Action::Nothing {
+                    return;
+                }
+                let live_file = full.kind == Kind::File && !full.deleted;
+                // On demand, a file not here is fetched when read: not pending work.
+                let online_only = self.on_demand
+                    && live_file
+                    && l.as_ref().is_none_or(|l| l.deleted)
+                    && !wanted.contains(&full.path);
+                if online_only {
+                    online_files += 1;
+                    online_bytes += full.size;
+                } else {
+                    nf += 1;
+                    if live_file {
+                        nb += full.size;
+                    }
+                }
+            });
             in_files += nf;
             in_bytes += nb;
             let slot = lock(&self.peers);
@@ -1451,7 +1468,10 @@ impl Engine {
             "to_pull_bytes": in_bytes,
             "pending_retries": lock(&self.retry).len(),
             "conflicts": conflicts,
-            "files": mine.values().filter(|r| !r.deleted).count(),
+            "files": files,
+            "on_demand": self.on_demand,
+            "online_only_files": online_files,
+            "online_only_bytes": online_bytes,
             "last_error": last.as_ref().map(|l| l.0.clone()),
             "last_error_at": last.as_ref().map(|l| l.1.clone()),
             "stats": {

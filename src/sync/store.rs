@@ -14,6 +14,42 @@ pub struct SyncDb {
     conn: Connection,
 }
 
+const LIGHT_SQL: &str = "SELECT path, kind, size, mtime_ns, mode, target, md5 IS NOT NULL, sha256,
+    version, deleted, sequence, modified_by FROM files";
+
+/// A row of [`LIGHT_SQL`] as a record without blocks (`None` for a path that no longer parses).
+fn light_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Record>> {
+    let path: String = r.get(0)?;
+    let Ok(path) = RelPath::parse(&path) else {
+        return Ok(None);
+    };
+    let kind: i64 = r.get(1)?;
+    let size: i64 = r.get(2)?;
+    let mode: i64 = r.get(4)?;
+    let has_md5: bool = r.get(6)?;
+    let sha: Option<Vec<u8>> = r.get(7)?;
+    let version: Vec<u8> = r.get(8)?;
+    let deleted: i64 = r.get(9)?;
+    let seq: i64 = r.get(10)?;
+    let by: i64 = r.get(11)?;
+    Ok(Some(Record {
+        path,
+        kind: crate::model::Kind::from_i64(kind).unwrap_or(crate::model::Kind::File),
+        size: size.max(0) as u64,
+        mtime_ns: r.get(3)?,
+        mode: mode as u32,
+        target: r.get(5)?,
+        // Only presence matters to the planner.
+        md5: has_md5.then_some([0; 16]),
+        sha256: sha.and_then(|v| v.try_into().ok()),
+        blocks: Vec::new(),
+        version: bincode::deserialize(&version).unwrap_or_default(),
+        deleted: deleted != 0,
+        sequence: seq.max(0) as u64,
+        modified_by: by as u64,
+    }))
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS remote_files (
     peer   TEXT NOT NULL,
@@ -150,54 +186,86 @@ impl SyncDb {
     /// The local index without block lists (what `status` compares; a 100k-file index with its
     /// blocks would cost far more memory than the answer is worth).
     pub fn local_light(&self) -> anyhow::Result<Vec<Record>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT path, kind, size, mtime_ns, mode, target, md5 IS NOT NULL, sha256, version,
-                    deleted, sequence, modified_by FROM files",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, bool>(6)?,
-                r.get::<_, Option<Vec<u8>>>(7)?,
-                r.get::<_, Vec<u8>>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, i64>(10)?,
-                r.get::<_, i64>(11)?,
-            ))
-        })?;
         let mut out = Vec::new();
-        for row in rows {
-            let (path, kind, size, mtime_ns, mode, target, has_md5, sha, version, deleted, seq, by) =
-                row?;
-            let Ok(path) = RelPath::parse(&path) else {
-                continue;
-            };
-            out.push(Record {
-                path,
-                kind: crate::model::Kind::from_i64(kind).unwrap_or(crate::model::Kind::File),
-                size: size.max(0) as u64,
-                mtime_ns,
-                mode: mode as u32,
-                target,
-                // Only presence matters to the planner.
-                md5: has_md5.then_some([0; 16]),
-                sha256: sha.and_then(|v| v.try_into().ok()),
-                blocks: Vec::new(),
-                version: bincode::deserialize(&version).unwrap_or_default(),
-                deleted: deleted != 0,
-                sequence: seq.max(0) as u64,
-                modified_by: by as u64,
-            });
-        }
+        self.for_each_local_light(|r| out.push(r))?;
         Ok(out)
     }
 
-    /// Visit every record a peer announced, one at a time (nothing is collected).
+    /// [`local_light`](Self::local_light), one record at a time.
+    pub fn for_each_local_light(&self, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
+        let mut stmt = self.conn.prepare_cached(LIGHT_SQL)?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            if let Some(rec) = light_row(row)? {
+                f(rec);
+            }
+        }
+        Ok(())
+    }
+
+    /// Walk this box's records (without blocks) and `peer`'s (blocks dropped) together in path
+    /// order, calling `f` once per path either side has: memory stays flat however big the
+    /// indexes are.
+    pub fn merge_with_remote(
+        &self,
+        peer: &str,
+        mut f: impl FnMut(Option<Record>, Option<Record>),
+    ) -> anyhow::Result<()> {
+        let mut ls = self
+            .conn
+            .prepare_cached(&format!("{LIGHT_SQL} ORDER BY path"))?;
+        let mut rs = self.conn.prepare_cached(
+            "SELECT path, record FROM remote_files WHERE peer = ?1 ORDER BY path",
+        )?;
+        let mut lrows = ls.query([])?;
+        let mut rrows = rs.query(params![peer])?;
+        let next_local = |rows: &mut rusqlite::Rows<'_>| -> anyhow::Result<Option<Record>> {
+            while let Some(row) = rows.next()? {
+                if let Some(r) = light_row(row)? {
+                    return Ok(Some(r));
+                }
+            }
+            Ok(None)
+        };
+        let next_remote = |rows: &mut rusqlite::Rows<'_>| -> anyhow::Result<Option<Record>> {
+            while let Some(row) = rows.next()? {
+                let blob: Vec<u8> = row.get(1)?;
+                if let Ok(mut rec) = bincode::deserialize::<Record>(&blob) {
+                    rec.blocks = Vec::new();
+                    return Ok(Some(rec));
+                }
+            }
+            Ok(None)
+        };
+        let mut l = next_local(&mut lrows)?;
+        let mut r = next_remote(&mut rrows)?;
+        loop {
+            // SQLite orders TEXT by bytes, as str's Ord does.
+            let order = match (&l, &r) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(a), Some(b)) => a.path.as_str().cmp(b.path.as_str()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    f(l.take(), None);
+                    l = next_local(&mut lrows)?;
+                }
+                std::cmp::Ordering::Greater => {
+                    f(None, r.take());
+                    r = next_remote(&mut rrows)?;
+                }
+                std::cmp::Ordering::Equal => {
+                    f(l.take(), r.take());
+                    l = next_local(&mut lrows)?;
+                    r = next_remote(&mut rrows)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn for_each_remote(&self, peer: &str, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
         let mut stmt = self
             .conn
