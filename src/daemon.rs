@@ -263,6 +263,14 @@ pub fn status(b: &BoxDir, json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    // On-demand mounts: files left on the peers by design, not pending work.
+    if let Some(files) = v["online_only_files"].as_u64().filter(|&f| f > 0) {
+        println!(
+            "online-only: {} files, {} (fetched when read)",
+            files,
+            size(n(&v["online_only_bytes"]))
+        );
+    }
     println!("conflicts: {}", n(&v["conflicts"]));
     match v["last_error"].as_str() {
         Some(e) => println!("last error: {e} (at {})", s(&v["last_error_at"])),
