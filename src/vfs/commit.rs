@@ -183,13 +183,20 @@ fn run(
             }
             // A burst (a tree copy) arrives one close at a time: wait for the queue to go quiet
             // so a whole burst is one transaction and one `ChangeSink` call, not one per file.
-            // A waiter (fsync, tests) or a full batch ends the wait at once.
+            // Sleeping (rather than blocking on the channel) lets the senders queue without
+            // waking this thread once per job. A waiter (tests, unmount) or a full batch ends
+            // the wait at once.
             next = match rx.try_recv() {
                 Ok(j) => Some(j),
                 Err(_) if !acks.is_empty() || queued >= COALESCE_JOBS => None,
                 Err(_) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    rx.recv_timeout(left.min(COALESCE_QUIET)).ok()
+                    if left.is_zero() {
+                        None
+                    } else {
+                        std::thread::sleep(left.min(COALESCE_QUIET));
+                        rx.try_recv().ok()
+                    }
                 }
             };
         }
