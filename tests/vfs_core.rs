@@ -599,18 +599,18 @@ fn a_running_program_cannot_be_opened_for_writing() {
         .open(ino, libc::O_RDONLY | mybox::vfs::FMODE_EXEC)
         .unwrap();
     for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
-        let e = f.vfs.open(ino, flags).err().expect("open while running");
+        let Err(e) = f.vfs.open(ino, flags) else {
+            panic!("flags {flags:#x}: opened while running");
+        };
         assert_eq!(e.errno(), libc::ETXTBSY, "flags {flags:#x}: {e}");
     }
     let trunc = SetAttr {
         size: Some(0),
         ..SetAttr::default()
     };
-    let e = f
-        .vfs
-        .setattr(ME, ino, None, &trunc)
-        .err()
-        .expect("truncate");
+    let Err(e) = f.vfs.setattr(ME, ino, None, &trunc) else {
+        panic!("truncated while running");
+    };
     assert_eq!(e.errno(), libc::ETXTBSY);
     // Plain readers are not affected.
     let r = f.vfs.open(ino, libc::O_RDONLY).unwrap();
