@@ -186,7 +186,13 @@ fn fuser_config(cfg: &MountConfig) -> fuser::Config {
     } else {
         SessionACL::Owner
     };
-    c.n_threads = Some(THREADS);
+    // MYBOX_FUSE_THREADS overrides the worker count (for measuring; at least 1).
+    let threads = std::env::var("MYBOX_FUSE_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(THREADS);
+    c.n_threads = Some(threads);
     c.clone_fd = true;
     c
 }

@@ -263,3 +263,72 @@ fn mount_on_demand_placeholders_fetch_when_read() {
     // What was fetched stays readable.
     assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
 }
+
+/// Names in a directory of a mount, through a fresh `readdir` (which the kernel answers from its
+/// cached listing when it holds one).
+fn names_in(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn mount_on_demand_new_placeholder_shows_in_a_cached_listing() {
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    fs::create_dir(b.path("inbox")).unwrap();
+    b.write("inbox/first.txt", b"first");
+    wait_for("the first placeholder", Duration::from_secs(10), || {
+        names_in(&ma.p("inbox")).contains(&"first.txt".to_string())
+    });
+    // The kernel now caches this listing (the mount lets it keep directory listings); an open
+    // directory handle keeps it in use as well.
+    let held = fs::read_dir(ma.p("inbox")).unwrap();
+    assert_eq!(names_in(&ma.p("inbox")), vec!["first.txt".to_string()]);
+    // A new file on B becomes a placeholder here: no store entry and no directory change
+    // here, so only an invalidation from the engine can make a cached listing show it.
+    b.write("inbox/second.txt", b"second, longer");
+    wait_for(
+        "the new placeholder in a listing",
+        Duration::from_secs(10),
+        || names_in(&ma.p("inbox")).contains(&"second.txt".to_string()),
+    );
+    assert!(
+        a.read("inbox/second.txt").is_none(),
+        "pulled in the background"
+    );
+    assert_eq!(fs::metadata(ma.p("inbox/second.txt")).unwrap().len(), 14);
+    drop(held);
+    // And the status reports both as online-only, not as work to pull.
+    let out = Command::new(BIN)
+        .args(["--json", "status"])
+        .current_dir(&ma.mnt)
+        .env_remove("MYBOX_BOX")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["online_only_files"], 2, "{v}");
+    assert_eq!(v["online_only_bytes"], 5 + 14, "{v}");
+    assert_eq!(v["to_pull_files"], 0, "{v}");
+    let text = Command::new(BIN)
+        .arg("status")
+        .current_dir(&ma.mnt)
+        .env_remove("MYBOX_BOX")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("online-only: 2 files"), "{text}");
+}

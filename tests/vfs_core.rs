@@ -588,3 +588,43 @@ fn a_new_file_reaches_the_store_at_its_first_close() {
     assert!(!f.b.root.join("tmp").exists());
     assert_eq!(std::fs::read_dir(f.b.tmp_dir()).unwrap().count(), 0);
 }
+
+#[test]
+fn a_running_program_cannot_be_opened_for_writing() {
+    let f = fixture();
+    let ino = put(&f.vfs, "prog", b"#!/bin/sh\nsleep 1\n");
+    // The open execve makes (the kernel passes __FMODE_EXEC on to the file system).
+    let exec = f
+        .vfs
+        .open(ino, libc::O_RDONLY | mybox::vfs::FMODE_EXEC)
+        .unwrap();
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        let Err(e) = f.vfs.open(ino, flags) else {
+            panic!("flags {flags:#x}: opened while running");
+        };
+        assert_eq!(e.errno(), libc::ETXTBSY, "flags {flags:#x}: {e}");
+    }
+    let trunc = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    let Err(e) = f.vfs.setattr(ME, ino, None, &trunc) else {
+        panic!("truncated while running");
+    };
+    assert_eq!(e.errno(), libc::ETXTBSY);
+    // Plain readers are not affected.
+    let r = f.vfs.open(ino, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&f.vfs, r.fh), b"#!/bin/sh\nsleep 1\n");
+    f.vfs.release(r.fh).unwrap();
+    // Once the program is gone, writing works again.
+    f.vfs.release(exec.fh).unwrap();
+    let w = f.vfs.open(ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    f.vfs.write(w.fh, 0, b"new").unwrap();
+    f.vfs.flush(w.fh).unwrap();
+    f.vfs.release(w.fh).unwrap();
+    assert_eq!(fs_read(&f, "prog"), b"new");
+}
+
+fn fs_read(f: &Fixture, rel: &str) -> Vec<u8> {
+    std::fs::read(p(rel).to_fs(&f.b.root)).unwrap()
+}

@@ -6,9 +6,12 @@
 # - sequential read of a 1 GiB file (dd bs=1M), warm page cache (the file is "hydrated")
 # - `find` and `ls -lR` over the rust std docs tree (~2,600 entries)
 # - copying that tree into the mount vs into a native folder
+# - on-demand: the first read of the 1 GiB file through `mybox mount --on-demand` of a fresh box
+#   paired with a daemon serving it on 127.0.0.1 (content fetched from the peer when read)
 # Each measurement: one warm-up run, then RUNS timed runs; the median is reported.
 # Needs root (mybox mounts with mount(2); sshfs goes through a private sshd on 127.0.0.1).
-# Env: RUNS (default 3), BIG_MB (default 1024), SSH_PORT (default 2232), KEEP=1 keeps $WORK.
+# Env: RUNS (default 3), BIG_MB (default 1024), SSH_PORT (default 2232), KEEP=1 keeps $WORK,
+#      BENCH_DIR (default /tmp): where the stores, mounts and native copies live.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -27,10 +30,12 @@ for t in sshfs rclone fusermount3; do
     command -v "$t" >/dev/null || apt-get install -y sshfs rclone fuse3 >/dev/null
 done
 
-WORK="$(mktemp -d /tmp/mybox-bench.XXXXXX)"
+WORK="$(mktemp -d "${BENCH_DIR:-/tmp}/mybox-bench.XXXXXX")"
 STORE="$WORK/store"
 SSH_DIR="$WORK/ssh"
 declare -A MNT=([mybox]="$WORK/mnt-mybox" [sshfs]="$WORK/mnt-sshfs" [rclone]="$WORK/mnt-rclone")
+OD_MNT="$WORK/mnt-ondemand"
+OD_PEER="$WORK/od-peer"
 
 cleanup() {
     cd /
@@ -40,9 +45,10 @@ cleanup() {
             if [[ $k == mybox ]]; then "$bin" umount "$m" || umount -l "$m"; else fusermount3 -u "$m" || fusermount3 -uz "$m"; fi
         fi
     done
+    if mountpoint -q "$OD_MNT" 2>/dev/null; then "$bin" umount "$OD_MNT" || umount -l "$OD_MNT"; fi
     sleep 0.5
-    # Only the processes this script started (matched by their unique mount points).
-    for p in $(pgrep -f "mount ${MNT[mybox]}\$"; pgrep -f "mount $STORE ${MNT[rclone]}"); do
+    # Only the processes this script started (matched by their unique mount points and boxes).
+    for p in $(pgrep -f "mount ${MNT[mybox]}\$"; pgrep -f "mount $STORE ${MNT[rclone]}"; pgrep -f "box $OD_PEER daemon"; pgrep -f "mount $OD_MNT --"); do
         kill "$p" 2>/dev/null || true
     done
     [[ -f "$SSH_DIR/sshd.pid" ]] && kill "$(cat "$SSH_DIR/sshd.pid")" 2>/dev/null || true
@@ -159,6 +165,42 @@ for k in native mybox; do
 done
 [[ $(find "${MNT[mybox]}/copy" | wc -l) -eq $(find "$TREE_SRC" | wc -l) ]] || { log "copy into mybox incomplete"; exit 1; }
 
+# ----- on-demand first read -------------------------------------------------------------------
+# A peer box holding only the big file (a hard link: no extra space) served by a daemon, and for
+# each run a fresh box mounted with --on-demand: its first read of the file fetches it over
+# TLS on loopback. Timed from the open to the last byte (dd), after the placeholder is listed.
+mkdir -p "$OD_MNT" "$OD_PEER"
+"$bin" init "$OD_PEER" >/dev/null 2>&1
+ln "$STORE/big.bin" "$OD_PEER/big.bin"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+od_times=()
+for i in $(seq "$RUNS"); do
+    a="$WORK/od-a$i"
+    "$bin" init "$a" >/dev/null 2>&1
+    pa=$(free_port) pb=$(free_port)
+    "$bin" --box "$a" peer add "$("$bin" --box "$OD_PEER" id)" "127.0.0.1:$pb" >/dev/null 2>&1
+    "$bin" --box "$OD_PEER" peer add "$("$bin" --box "$a" id)" "127.0.0.1:$pa" >/dev/null 2>&1
+    setsid "$bin" --box "$OD_PEER" daemon --listen "127.0.0.1:$pb" >>"$WORK/od-peer.log" 2>&1 </dev/null &
+    setsid "$bin" --box "$a" mount "$OD_MNT" --listen "127.0.0.1:$pa" --on-demand >>"$WORK/od-mount.log" 2>&1 </dev/null &
+    log "on-demand run $i: waiting for the placeholder"
+    for _ in $(seq 1200); do
+        [[ $(stat -c %s "$OD_MNT/big.bin" 2>/dev/null) == "$((BIG_MB << 20))" ]] && break
+        sleep 0.1
+    done
+    [[ ! -e "$a/big.bin" ]] || { log "on-demand: the file was pulled in the background"; exit 1; }
+    t0=$(date +%s.%N)
+    dd if="$OD_MNT/big.bin" of=/dev/null bs=1M 2>/dev/null || { log "on-demand read failed"; exit 1; }
+    t1=$(date +%s.%N)
+    od_times+=("$(echo "$t1 - $t0" | bc -l)")
+    cmp "$STORE/big.bin" "$a/big.bin"
+    "$bin" umount "$OD_MNT"
+    for p in $(pgrep -f "box $OD_PEER daemon"); do kill "$p"; done
+    for _ in $(seq 100); do pgrep -f "mount $OD_MNT --|box $OD_PEER daemon" >/dev/null || break; sleep 0.1; done
+    "$bin" --box "$OD_PEER" peer remove "$("$bin" --box "$a" id)" >/dev/null 2>&1 || true
+    rm -rf "$a"
+done
+R[ondemand,dd]=$(printf '%s\n' "${od_times[@]}" | sort -g | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}')
+
 mbps() { echo "$BIG_MB / $1" | bc -l | awk '{printf "%.0f", $1}'; }
 pct() { echo "100 * $1 / $2" | bc -l | awk '{printf "%.0f%%", $1}'; }
 ratio() { echo "$1 / $2" | bc -l | awk '{printf "%.1fx", $1}'; }
@@ -169,6 +211,7 @@ echo
 echo "| test | native | mybox | sshfs | rclone |"
 echo "|---|---|---|---|---|"
 echo "| read ${BIG_MB} MiB (s, MB/s) | ${R[native,dd]} ($(mbps "${R[native,dd]}")) | ${R[mybox,dd]} ($(mbps "${R[mybox,dd]}")) | ${R[sshfs,dd]} ($(mbps "${R[sshfs,dd]}")) | ${R[rclone,dd]} ($(mbps "${R[rclone,dd]}")) |"
+echo "| first read ${BIG_MB} MiB, on-demand from a peer on loopback (s, MB/s) | | ${R[ondemand,dd]} ($(mbps "${R[ondemand,dd]}")) | | |"
 echo "| find tree, warm (s) | ${R[native,find]} | ${R[mybox,find]} | ${R[sshfs,find]} | ${R[rclone,find]} |"
 echo "| ls -lR tree, warm (s) | ${R[native,ls]} | ${R[mybox,ls]} | ${R[sshfs,ls]} | ${R[rclone,ls]} |"
 echo "| find tree, fresh mount (s) | | ${R[mybox,findc]} | ${R[sshfs,findc]} | ${R[rclone,findc]} |"
@@ -178,4 +221,5 @@ echo
 echo "targets: read >= 90% of native: $(pct "${R[native,dd]}" "${R[mybox,dd]}");" \
     "find vs sshfs: warm $(ratio "${R[sshfs,find]}" "${R[mybox,find]}"), fresh $(ratio "${R[sshfs,findc]}" "${R[mybox,findc]}");" \
     "ls -lR vs sshfs: warm $(ratio "${R[sshfs,ls]}" "${R[mybox,ls]}"), fresh $(ratio "${R[sshfs,lsc]}" "${R[mybox,lsc]}");" \
-    "copy <= 2x native: $(ratio "${R[mybox,cp]}" "${R[native,cp]}")"
+    "copy <= 2x native: $(ratio "${R[mybox,cp]}" "${R[native,cp]}");" \
+    "on-demand first read >= 500 MB/s: $(mbps "${R[ondemand,dd]}") MB/s"

@@ -2,7 +2,7 @@
 //! incremental index exchange), the scanner loop (inotify paths, debounced, and periodic full
 //! rescans) and the puller (plan each changed path, apply through [`Applier`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -1043,6 +1043,16 @@ impl Engine {
             let chunk: BTreeSet<RelPath> = rest.by_ref().take(PLAN_CHUNK).collect();
             let plans = match self.plan_paths(chunk.clone()).await {
                 Ok(mut p) => {
+                    // Files left to the mount are new placeholders there: tell it (directory
+                    // listings the kernel cached must show them at once).
+                    let deferred: Vec<RelPath> = p
+                        .iter()
+                        .filter(|pl| self.deferred(pl))
+                        .map(|pl| pl.path.clone())
+                        .collect();
+                    if !deferred.is_empty() {
+                        self.applied(&deferred.iter().collect::<Vec<_>>());
+                    }
                     p.retain(|pl| !self.deferred(pl));
                     p
                 }
@@ -1388,6 +1398,7 @@ impl Engine {
         let wanted = lock(&self.wanted).clone();
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         let (mut online_files, mut online_bytes) = (0u64, 0u64);
+        let mut online_seen: HashSet<RelPath> = HashSet::new();
         for id in self.ctx.peers.current() {
             let peer = id.to_string();
             let (mut nf, mut nb, mut of, mut ob) = (0u64, 0u64, 0u64, 0u64);
@@ -1430,8 +1441,11 @@ impl Engine {
                     && l.as_ref().is_none_or(|l| l.deleted)
                     && !wanted.contains(&full.path);
                 if online_only {
-                    online_files += 1;
-                    online_bytes += full.size;
+                    // Counted once however many peers have it.
+                    if online_seen.insert(full.path.clone()) {
+                        online_files += 1;
+                        online_bytes += full.size;
+                    }
                 } else {
                     nf += 1;
                     if live_file {

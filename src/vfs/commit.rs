@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -26,6 +26,14 @@ use crate::paths::RelPath;
 use crate::scan::{self, disk_entry, HashWanted, IgnoreRules};
 
 use super::hooks::ChangeSink;
+
+/// How long the committer waits for more work after a job while the queue keeps filling, and
+/// at most in all: a burst of closes becomes one index transaction and one push, and a single
+/// close still reaches the index (and the peers) within [`COALESCE_MAX`].
+pub const COALESCE_QUIET: Duration = Duration::from_millis(5);
+pub const COALESCE_MAX: Duration = Duration::from_millis(50);
+/// At most this many jobs in one batch.
+const COALESCE_JOBS: usize = 4096;
 
 /// Files at least this big that were only partly rewritten get incremental block hashing.
 pub const INCREMENTAL_MIN: u64 = 8 * 1024 * 1024;
@@ -151,7 +159,10 @@ fn run(
         let mut gone: BTreeSet<RelPath> = BTreeSet::new();
         let mut acks = Vec::new();
         let mut next = Some(first);
+        let mut queued = 0usize;
+        let deadline = Instant::now() + COALESCE_MAX;
         while let Some(job) = next {
+            queued += 1;
             match job {
                 Job::File(p, d) => match files.get_mut(&p) {
                     Some(old) => old.merge(d),
@@ -170,7 +181,24 @@ fn run(
                 }
                 Job::Flush(ack) => acks.push(ack),
             }
-            next = rx.try_recv().ok();
+            // A burst (a tree copy) arrives one close at a time: wait for the queue to go quiet
+            // so a whole burst is one transaction and one `ChangeSink` call, not one per file.
+            // Sleeping (rather than blocking on the channel) lets the senders queue without
+            // waking this thread once per job. A waiter (tests, unmount) or a full batch ends
+            // the wait at once.
+            next = match rx.try_recv() {
+                Ok(j) => Some(j),
+                Err(_) if !acks.is_empty() || queued >= COALESCE_JOBS => None,
+                Err(_) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        None
+                    } else {
+                        std::thread::sleep(left.min(COALESCE_QUIET));
+                        rx.try_recv().ok()
+                    }
+                }
+            };
         }
         let mut changed = Vec::new();
         for p in gone {

@@ -58,6 +58,9 @@ pub const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 pub const PASSTHROUGH_MIN: u64 = 1 << 20;
 /// How long a read of a placeholder waits for its content.
 pub const FETCH_WAIT: Duration = Duration::from_secs(30);
+/// The kernel's `__FMODE_EXEC` open flag: FUSE passes it on in the flags of the open made by
+/// `execve`.
+pub const FMODE_EXEC: i32 = 0x20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -340,6 +343,8 @@ enum Handle {
         file: Arc<File>,
         /// Opened through the page cache (counted in `cached_opens`).
         cached: bool,
+        /// Opened by `execve` (counted in `exec_opens`).
+        exec: bool,
     },
     Write {
         ino: u64,
@@ -363,6 +368,9 @@ pub struct Vfs {
     writers: Mutex<HashMap<u64, Arc<Mutex<WriteState>>>>,
     /// Page-cached read opens per inode: passthrough may not start while any is open.
     cached_opens: Mutex<HashMap<u64, usize>>,
+    /// Opens by `execve` per inode: the program is running, so opening it for writing or
+    /// truncating it fails with ETXTBSY, as on a local disk.
+    exec_opens: Mutex<HashMap<u64, usize>>,
     next_shadow: AtomicU64,
     locks: Arc<LockManager>,
     committer: Committer,
@@ -507,6 +515,7 @@ impl Vfs {
             next_fh: AtomicU64::new(1),
             writers: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
+            exec_opens: Mutex::new(HashMap::new()),
             next_shadow: AtomicU64::new(1),
             locks: opts.locks,
             committer,
@@ -637,6 +646,19 @@ impl Vfs {
             let len = self.marker().len() as u64;
             Attr::virtual_node(MARKER_INO, FileKind::File, 0o444, len, uid, gid)
         }
+    }
+
+    /// ETXTBSY while a program runs from `ino`. The kernel refuses such opens itself as long
+    /// as they reach the inode the program was started from; this also covers the rest
+    /// (pjdfstest's open::etxtbsy failed about 1 run in 8 without it).
+    fn refuse_if_running(&self, ino: u64, rel: &RelPath) -> VfsResult<()> {
+        if lock(&self.exec_opens).contains_key(&ino) {
+            return Err(VfsError::new(
+                libc::ETXTBSY,
+                format!("{rel} is a running program"),
+            ));
+        }
+        Ok(())
     }
 
     fn writer_state(&self, ino: u64) -> Option<Arc<Mutex<WriteState>>> {
@@ -780,6 +802,9 @@ impl Vfs {
         let _ = caller;
         let rel = self.path_of(ino)?;
         if let Some(size) = set.size {
+            if fh.is_none() {
+                self.refuse_if_running(ino, &rel)?;
+            }
             self.truncate(ino, &rel, size, fh.is_none())?;
         }
         // Metadata goes to the writer's shadow when one exists (it replaces the store file on
@@ -1350,13 +1375,23 @@ impl Vfs {
                 IoMode::Cached
             };
             let cached = matches!(io, IoMode::Cached);
-            let fh = self.add_handle(Handle::Read { ino, file, cached });
+            let exec = flags & FMODE_EXEC != 0;
+            if exec {
+                *lock(&self.exec_opens).entry(ino).or_default() += 1;
+            }
+            let fh = self.add_handle(Handle::Read {
+                ino,
+                file,
+                cached,
+                exec,
+            });
             return Ok(Opened {
                 fh,
                 io,
                 writer_key: None,
             });
         }
+        self.refuse_if_running(ino, &rel)?;
         if passthrough {
             // A program executed from the mount maps the store file (the passthrough backing):
             // writing it must fail with ETXTBSY as on a local disk, not with the kernel's EIO.
@@ -1706,13 +1741,19 @@ impl Vfs {
             match h.as_ref() {
                 Handle::Write { ino, state } => self.release_writer(*ino, state),
                 Handle::Read {
-                    ino, cached: true, ..
+                    ino, cached, exec, ..
                 } => {
-                    let mut c = lock(&self.cached_opens);
-                    if let Some(n) = c.get_mut(ino) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            c.remove(ino);
+                    let counts = [(*cached, &self.cached_opens), (*exec, &self.exec_opens)];
+                    for (counted, map) in counts {
+                        if !counted {
+                            continue;
+                        }
+                        let mut c = lock(map);
+                        if let Some(n) = c.get_mut(ino) {
+                            *n = n.saturating_sub(1);
+                            if *n == 0 {
+                                c.remove(ino);
+                            }
                         }
                     }
                 }
