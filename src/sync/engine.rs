@@ -34,6 +34,8 @@ const BIG_FILE_SLOTS: u32 = 8;
 const MAX_SCAN_ROOTS: usize = 64;
 /// Files at most this big are put in place in batches (see [`Engine::finisher`]).
 const BATCH_MAX_FILE: u64 = 16 * 1024 * 1024;
+/// Block requests in flight per file (each up to `proto::MAX_BLOCKS_PER_REQUEST` blocks).
+const FETCH_PIPELINE: usize = 4;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
 /// At most this many files per batch (and fetched files waiting for one).
@@ -1326,45 +1328,31 @@ impl Engine {
             let conn = self
                 .conn_for(peer)
                 .ok_or_else(|| ApplyError::Unavailable(rec.path.clone()))?;
-            for run in runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST) {
-                let first = run[0];
+            // Several requests in flight, so the link and both ends stay busy (one at a time
+            // left each waiting on the other's read, hash and write).
+            let mut todo = runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST).into_iter();
+            let mut inflight = tokio::task::JoinSet::new();
+            let spawn = |set: &mut tokio::task::JoinSet<_>, run: Vec<u64>| {
                 let hashes: Vec<[u8; 32]> = run
                     .iter()
                     .map(|i| building.rec.blocks[*i as usize])
                     .collect();
-                let mut s = conn
-                    .request(Request::Sync(SyncRequest::GetBlocks {
-                        path: rec.path.clone(),
-                        first,
-                        hashes,
-                    }))
-                    .await
-                    .map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))?;
-                let mut i = first;
-                loop {
-                    match s.next().await {
-                        Ok(Some(Response::Data(d))) => {
-                            if i >= first + run.len() as u64 {
-                                return Err(ApplyError::Other("too many blocks".into()));
-                            }
-                            building.write_block(i, &d)?;
-                            self.stats
-                                .bytes_fetched
-                                .fetch_add(d.len() as u64, Ordering::Relaxed);
-                            i += 1;
-                        }
-                        Ok(Some(Response::Done)) | Ok(None) => break,
-                        Ok(Some(other)) => {
-                            return Err(ApplyError::Other(format!("unexpected {other:?}")))
-                        }
-                        Err(e) => return Err(ApplyError::Other(format!("{}: {e}", rec.path))),
-                    }
+                set.spawn(fetch_run(conn.clone(), rec.path.clone(), run[0], hashes));
+            };
+            for run in todo.by_ref().take(FETCH_PIPELINE) {
+                spawn(&mut inflight, run);
+            }
+            while let Some(joined) = inflight.join_next().await {
+                let (first, blocks) =
+                    joined.map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))??;
+                for (k, d) in blocks.iter().enumerate() {
+                    building.write_block(first + k as u64, d)?;
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
-                if i != first + run.len() as u64 {
-                    return Err(ApplyError::Other(format!(
-                        "{}: short block answer",
-                        rec.path
-                    )));
+                if let Some(run) = todo.next() {
+                    spawn(&mut inflight, run);
                 }
             }
         }
@@ -1527,6 +1515,44 @@ struct Planned {
     local: Option<Record>,
     action: Action,
     multi: bool,
+}
+
+/// Ask `conn` for the blocks `first..first + hashes.len()` of `path`; returns them in order.
+async fn fetch_run(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    hashes: Vec<[u8; 32]>,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let want = hashes.len();
+    let mut s = conn
+        .request(Request::Sync(SyncRequest::GetBlocks {
+            path: path.clone(),
+            first,
+            hashes,
+        }))
+        .await
+        .map_err(|e| ApplyError::Other(format!("{path}: {e}")))?;
+    let mut blocks = Vec::with_capacity(want);
+    loop {
+        match s.next().await {
+            Ok(Some(Response::Data(d))) => {
+                if blocks.len() == want {
+                    return Err(ApplyError::Other(format!("{path}: too many blocks")));
+                }
+                blocks.push(d);
+            }
+            Ok(Some(Response::Done)) | Ok(None) => break,
+            Ok(Some(other)) => {
+                return Err(ApplyError::Other(format!("{path}: unexpected {other:?}")))
+            }
+            Err(e) => return Err(ApplyError::Other(format!("{path}: {e}"))),
+        }
+    }
+    if blocks.len() != want {
+        return Err(ApplyError::Other(format!("{path}: short block answer")));
+    }
+    Ok((first, blocks))
 }
 
 fn same_conn(a: &Conn, b: &Conn) -> bool {
