@@ -1330,7 +1330,23 @@ impl Engine {
                 .ok_or_else(|| ApplyError::Unavailable(rec.path.clone()))?;
             // Several requests in flight, so the link and both ends stay busy (one at a time
             // left each waiting on the other's read, hash and write).
-            let mut todo = runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST).into_iter();
+            let all_runs = runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST);
+            if let [run] = &all_runs[..] {
+                // Small files: no task to spawn and wake.
+                let hashes: Vec<[u8; 32]> = run
+                    .iter()
+                    .map(|i| building.rec.blocks[*i as usize])
+                    .collect();
+                let (first, blocks) = fetch_run(conn, rec.path.clone(), run[0], hashes).await?;
+                for (k, d) in blocks.iter().enumerate() {
+                    building.write_block(first + k as u64, d)?;
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                return Ok(Some(building));
+            }
+            let mut todo = all_runs.into_iter();
             let mut inflight = tokio::task::JoinSet::new();
             let spawn = |set: &mut tokio::task::JoinSet<_>, run: Vec<u64>| {
                 let hashes: Vec<[u8; 32]> = run
