@@ -852,3 +852,187 @@ async fn hostile_regexes_are_bounded() {
     still_serves(&mut a, &ident).await;
     eprintln!("bad inputs tried: {tried}");
 }
+
+// ------------------------------------------------------------------ a hostile sync peer
+
+/// A paired peer that turns hostile while syncing: it announces a symlink `esc` to a directory
+/// outside the receiver's store and then a file `esc/evil.txt`, plus a file under a symlink the
+/// receiver already has (`dirlink/evil3.txt`), and serves their blocks when asked. The receiver
+/// keeps the link as a link but never writes through it: nothing appears outside its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sync_peer_cannot_write_through_symlinks() {
+    use mybox::model::{Kind, Record, VersionVector};
+    use mybox::sync::proto::SyncResponse;
+    let mut b = TestBox::new("b");
+    let outside = b.root.parent().unwrap().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, b.path("dirlink")).unwrap();
+    // The hostile peer: its own identity, pinned by B at an address where nothing listens, so
+    // the connection it opens itself is the one B syncs over.
+    let evil_ident = Identity::generate().unwrap();
+    let dead = common::free_port();
+    let out = mybox(
+        &b.root,
+        &[
+            "peer",
+            "add",
+            &evil_ident.id.to_string(),
+            &format!("127.0.0.1:{dead}"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    b.start();
+
+    let evil = b"EVIL content\n".to_vec();
+    let sha: [u8; 32] = Sha256::digest(&evil).into();
+    let md5: [u8; 16] = {
+        use md5::Digest as _;
+        md5::Md5::digest(&evil).into()
+    };
+    let dev = evil_ident.id.short();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let rec = |path: &str, kind: Kind, seq: u64| Record {
+        path: RelPath::parse(path).unwrap(),
+        kind,
+        size: if kind == Kind::File {
+            evil.len() as u64
+        } else {
+            0
+        },
+        mtime_ns: now,
+        mode: if kind == Kind::File { 0o644 } else { 0o777 },
+        target: (kind == Kind::Symlink).then(|| outside.display().to_string()),
+        md5: (kind == Kind::File).then_some(md5),
+        sha256: (kind == Kind::File).then_some(sha),
+        blocks: if kind == Kind::File {
+            vec![sha]
+        } else {
+            vec![]
+        },
+        version: VersionVector(vec![(dev, seq)]),
+        deleted: false,
+        sequence: seq,
+        modified_by: dev,
+    };
+    let records = vec![
+        rec("esc", Kind::Symlink, 1),
+        rec("esc/evil.txt", Kind::File, 2),
+        rec("dirlink/evil3.txt", Kind::File, 3),
+        rec("plain.txt", Kind::File, 4),
+    ];
+
+    let b_id: DeviceId = b.id.parse().unwrap();
+    let cfg = client_config(&evil_ident, Arc::new(FixedPeers(vec![b_id]))).unwrap();
+    let mut s = connect_with(cfg, b.port).await.unwrap();
+    // The hint that makes B adopt this connection and pull our index.
+    let hint = frame(1, Request::Sync(SyncRequest::IndexChanged { max_seq: 4 }));
+    s.write_all(&hint).await.unwrap();
+    // Serve B's requests on this connection until told to stop.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut asked_blocks = Vec::new();
+        loop {
+            while let Ok(Some((frame, used))) = decode_prefixed(&buf) {
+                buf.drain(..used);
+                let Frame::Request { id, body } = frame else {
+                    continue;
+                };
+                let mut replies = Vec::new();
+                match body {
+                    Request::Sync(SyncRequest::IndexSince { since }) => {
+                        if since < 4 {
+                            replies.push((false, Response::Records(records.clone())));
+                        }
+                        replies.push((
+                            true,
+                            Response::Sync(SyncResponse::IndexEnd {
+                                last_sent: 4,
+                                current_max: 4,
+                            }),
+                        ));
+                    }
+                    Request::Sync(SyncRequest::GetBlocks { path, hashes, .. }) => {
+                        asked_blocks.push(path.to_string());
+                        for _ in hashes {
+                            replies.push((false, Response::Data(evil.clone())));
+                        }
+                        replies.push((true, Response::Done));
+                    }
+                    Request::Hello { .. } => replies.push((
+                        true,
+                        Response::Hello {
+                            version: mybox::protocol::PROTOCOL_VERSION,
+                            agent: "hostile".into(),
+                        },
+                    )),
+                    Request::Ping => replies.push((true, Response::Pong)),
+                    Request::Sync(_) => replies.push((true, Response::Sync(SyncResponse::Ack))),
+                    _ => replies.push((
+                        true,
+                        Response::Error {
+                            code: ErrorCode::Unsupported,
+                            message: "no".into(),
+                        },
+                    )),
+                }
+                for (end, body) in replies {
+                    let bytes = encode(&Frame::Response { id, end, body }).unwrap();
+                    if s.write_all(&bytes).await.is_err() {
+                        return asked_blocks;
+                    }
+                }
+                let _ = s.flush().await;
+            }
+            let mut chunk = vec![0u8; 1 << 16];
+            tokio::select! {
+                _ = &mut stop_rx => return asked_blocks,
+                r = s.read(&mut chunk) => match r {
+                    Ok(0) | Err(_) => return asked_blocks,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    });
+    // B applies what it can: the ordinary file and the link (as a link) arrive.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(b.read("plain.txt").as_deref() == Some(b"EVIL content\n") && b.path("esc").is_symlink())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ordinary file and the link never arrived: {}",
+            daemon_log(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Both hostile paths were tried, and refused with a reason.
+    while !["esc/evil.txt:", "dirlink/evil3.txt:"].iter().all(|p| {
+        daemon_log(&b)
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(p))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {}",
+            daemon_log(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = stop_tx.send(());
+    let asked = peer.await.unwrap();
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "written outside the store: {:?} (blocks asked for {asked:?})",
+        std::fs::read_dir(&outside)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    );
+    assert!(b.path("dirlink").is_symlink() && b.path("esc").is_symlink());
+    assert!(matches!(b.child.as_mut().unwrap().try_wait(), Ok(None)));
+    eprintln!("bad inputs tried: 2 (blocks asked for {asked:?})");
+}
