@@ -838,6 +838,11 @@ async fn hostile_regexes_are_bounded() {
             }
         }
     }
+    // The request history records each pattern without letting a hostile one bloat it.
+    let history = std::fs::metadata(a.path(".mybox/history.log"))
+        .unwrap()
+        .len();
+    assert!(history < 64 * 1024, "history.log grew to {history} bytes");
     // The CLI path gives the same answer as one line.
     tried += 1;
     let out = mybox(&b.root, &["index", "regex", "a{1000}{1000}{1000}"]);
