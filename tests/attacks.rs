@@ -860,84 +860,90 @@ async fn hostile_regexes_are_bounded() {
 
 // ------------------------------------------------------------------ a hostile sync peer
 
-/// A paired peer that turns hostile while syncing: it announces a symlink `esc` to a directory
-/// outside the receiver's store and then a file `esc/evil.txt`, plus a file under a symlink the
-/// receiver already has (`dirlink/evil3.txt`), and serves their blocks when asked. The receiver
-/// keeps the link as a link but never writes through it: nothing appears outside its store.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_sync_peer_cannot_write_through_symlinks() {
-    use mybox::model::{Kind, Record, VersionVector};
-    use mybox::sync::proto::SyncResponse;
-    let mut b = TestBox::new("b");
-    let outside = b.root.parent().unwrap().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
-    std::os::unix::fs::symlink(&outside, b.path("dirlink")).unwrap();
-    // The hostile peer: its own identity, pinned by B at an address where nothing listens, so
-    // the connection it opens itself is the one B syncs over.
-    let evil_ident = Identity::generate().unwrap();
+/// Pin a fresh identity in `b` at an address where nothing listens, so the connection that
+/// identity opens itself is the one `b` syncs over; start `b`'s daemon.
+fn pin_hostile_peer(b: &mut TestBox) -> Identity {
+    let evil = Identity::generate().unwrap();
     let dead = common::free_port();
     let out = mybox(
         &b.root,
         &[
             "peer",
             "add",
-            &evil_ident.id.to_string(),
+            &evil.id.to_string(),
             &format!("127.0.0.1:{dead}"),
         ],
     );
     assert!(out.status.success(), "{out:?}");
     b.start();
+    evil
+}
 
-    let evil = b"EVIL content\n".to_vec();
-    let sha: [u8; 32] = Sha256::digest(&evil).into();
+/// A record as the hostile peer announces it: files hold `content` (one block); `size`
+/// overrides the size a file claims.
+fn announced(
+    dev: u64,
+    path: &str,
+    kind: mybox::model::Kind,
+    seq: u64,
+    content: &[u8],
+    size: Option<u64>,
+    target: Option<String>,
+) -> mybox::model::Record {
+    use mybox::model::{Kind, Record, VersionVector};
+    let file = kind == Kind::File;
+    let sha: [u8; 32] = Sha256::digest(content).into();
     let md5: [u8; 16] = {
         use md5::Digest as _;
-        md5::Md5::digest(&evil).into()
+        md5::Md5::digest(content).into()
     };
-    let dev = evil_ident.id.short();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as i64;
-    let rec = |path: &str, kind: Kind, seq: u64| Record {
+    Record {
         path: RelPath::parse(path).unwrap(),
         kind,
-        size: if kind == Kind::File {
-            evil.len() as u64
+        size: if file {
+            size.unwrap_or(content.len() as u64)
         } else {
             0
         },
         mtime_ns: now,
-        mode: if kind == Kind::File { 0o644 } else { 0o777 },
-        target: (kind == Kind::Symlink).then(|| outside.display().to_string()),
-        md5: (kind == Kind::File).then_some(md5),
-        sha256: (kind == Kind::File).then_some(sha),
-        blocks: if kind == Kind::File {
-            vec![sha]
-        } else {
-            vec![]
-        },
+        mode: if file { 0o644 } else { 0o777 },
+        target,
+        md5: file.then_some(md5),
+        sha256: file.then_some(sha),
+        blocks: if file { vec![sha] } else { vec![] },
         version: VersionVector(vec![(dev, seq)]),
         deleted: false,
         sequence: seq,
         modified_by: dev,
-    };
-    let records = vec![
-        rec("esc", Kind::Symlink, 1),
-        rec("esc/evil.txt", Kind::File, 2),
-        rec("dirlink/evil3.txt", Kind::File, 3),
-        rec("plain.txt", Kind::File, 4),
-    ];
+    }
+}
 
+/// Connect to `b` as `ident`, hint that our index advanced, and answer `b`'s requests: our
+/// index is `records`, every block asked for is `content`. Returns a stop switch and the task,
+/// which yields the paths whose blocks `b` asked for.
+async fn run_hostile_peer(
+    ident: &Identity,
+    b: &TestBox,
+    records: Vec<mybox::model::Record>,
+    content: Vec<u8>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    use mybox::sync::proto::SyncResponse;
+    let top = records.iter().map(|r| r.sequence).max().unwrap_or(0);
     let b_id: DeviceId = b.id.parse().unwrap();
-    let cfg = client_config(&evil_ident, Arc::new(FixedPeers(vec![b_id]))).unwrap();
+    let cfg = client_config(ident, Arc::new(FixedPeers(vec![b_id]))).unwrap();
     let mut s = connect_with(cfg, b.port).await.unwrap();
-    // The hint that makes B adopt this connection and pull our index.
-    let hint = frame(1, Request::Sync(SyncRequest::IndexChanged { max_seq: 4 }));
+    // The hint makes `b` adopt this connection and pull our index.
+    let hint = frame(1, Request::Sync(SyncRequest::IndexChanged { max_seq: top }));
     s.write_all(&hint).await.unwrap();
-    // Serve B's requests on this connection until told to stop.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let peer = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut buf = Vec::new();
         let mut asked_blocks = Vec::new();
         loop {
@@ -949,21 +955,21 @@ async fn hostile_sync_peer_cannot_write_through_symlinks() {
                 let mut replies = Vec::new();
                 match body {
                     Request::Sync(SyncRequest::IndexSince { since }) => {
-                        if since < 4 {
+                        if since < top {
                             replies.push((false, Response::Records(records.clone())));
                         }
                         replies.push((
                             true,
                             Response::Sync(SyncResponse::IndexEnd {
-                                last_sent: 4,
-                                current_max: 4,
+                                last_sent: top,
+                                current_max: top,
                             }),
                         ));
                     }
                     Request::Sync(SyncRequest::GetBlocks { path, hashes, .. }) => {
                         asked_blocks.push(path.to_string());
                         for _ in hashes {
-                            replies.push((false, Response::Data(evil.clone())));
+                            replies.push((false, Response::Data(content.clone())));
                         }
                         replies.push((true, Response::Done));
                     }
@@ -1002,23 +1008,54 @@ async fn hostile_sync_peer_cannot_write_through_symlinks() {
             }
         }
     });
-    // B applies what it can: the ordinary file and the link (as a link) arrive.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(b.read("plain.txt").as_deref() == Some(b"EVIL content\n") && b.path("esc").is_symlink())
-    {
+    (stop_tx, task)
+}
+
+/// Wait until `b` holds `plain.txt` with `content` (the hostile peer's ordinary file).
+async fn wait_plain(b: &TestBox, content: &[u8], deadline: Instant) {
+    while b.read("plain.txt").as_deref() != Some(content) {
         assert!(
             Instant::now() < deadline,
-            "the ordinary file and the link never arrived: {}",
-            daemon_log(&b)
+            "the ordinary file never arrived: {}",
+            daemon_log(b)
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// A paired peer that turns hostile while syncing: it announces a symlink `esc` to a directory
+/// outside the receiver's store and then a file `esc/evil.txt`, plus a file under a symlink the
+/// receiver already has (`dirlink/evil3.txt`), and serves their blocks when asked. The receiver
+/// keeps the link as a link but never writes through it: nothing appears outside its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sync_peer_cannot_write_through_symlinks() {
+    use mybox::model::Kind;
+    let mut b = TestBox::new("b");
+    let outside = b.root.parent().unwrap().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, b.path("dirlink")).unwrap();
+    let ident = pin_hostile_peer(&mut b);
+    let evil = b"EVIL content\n".to_vec();
+    let dev = ident.id.short();
+    let link_target = Some(outside.display().to_string());
+    let records = vec![
+        announced(dev, "esc", Kind::Symlink, 1, b"", None, link_target),
+        announced(dev, "esc/evil.txt", Kind::File, 2, &evil, None, None),
+        announced(dev, "dirlink/evil3.txt", Kind::File, 3, &evil, None, None),
+        announced(dev, "plain.txt", Kind::File, 4, &evil, None, None),
+    ];
+    let (stop, peer) = run_hostile_peer(&ident, &b, records, evil.clone()).await;
+    // B applies what it can: the ordinary file, and the link as a link.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_plain(&b, &evil, deadline).await;
     // Both hostile paths were tried, and refused with a reason.
-    while !["esc/evil.txt:", "dirlink/evil3.txt:"].iter().all(|p| {
-        daemon_log(&b)
-            .lines()
-            .any(|l| l.contains("WARN") && l.contains(p))
-    }) {
+    while !b.path("esc").is_symlink()
+        || !["esc/evil.txt:", "dirlink/evil3.txt:"].iter().all(|p| {
+            daemon_log(&b)
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains(p))
+        })
+    {
         assert!(
             Instant::now() < deadline,
             "no refusal logged: {}",
@@ -1026,18 +1063,70 @@ async fn hostile_sync_peer_cannot_write_through_symlinks() {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let _ = stop_tx.send(());
+    let _ = stop.send(());
     let asked = peer.await.unwrap();
+    let written: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert!(
-        std::fs::read_dir(&outside).unwrap().next().is_none(),
-        "written outside the store: {:?} (blocks asked for {asked:?})",
-        std::fs::read_dir(&outside)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .collect::<Vec<_>>()
+        written.is_empty(),
+        "written outside the store: {written:?} (blocks asked for {asked:?})"
     );
     assert!(b.path("dirlink").is_symlink() && b.path("esc").is_symlink());
     assert!(matches!(b.child.as_mut().unwrap().try_wait(), Ok(None)));
     eprintln!("bad inputs tried: 2 (blocks asked for {asked:?})");
+}
+
+/// A hostile peer announcing files of absurd sizes (2^63 bytes and more, with one block): the
+/// receiver neither fetches nor allocates for them, and keeps answering `status`.
+/// Ignored until the engine is fixed: `status` builds `size / BLOCK_SIZE` placeholder block
+/// hashes for every remote record (src/sync/engine.rs, `status_blocking`), so the daemon aborts
+/// on "memory allocation of 4503599627370496 bytes failed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "daemon aborts: status_blocking allocates size/BLOCK_SIZE hashes per remote record"]
+async fn hostile_sync_peer_cannot_exhaust_memory_with_claimed_sizes() {
+    use mybox::model::Kind;
+    let mut b = TestBox::new("b");
+    let ident = pin_hostile_peer(&mut b);
+    let evil = b"EVIL content\n".to_vec();
+    let dev = ident.id.short();
+    let sizes = [u64::MAX, 1 << 63, 1 << 56];
+    let mut records: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let name = format!("huge{i}.bin");
+            announced(dev, &name, Kind::File, i as u64 + 1, &evil, Some(*s), None)
+        })
+        .collect();
+    records.push(announced(
+        dev,
+        "plain.txt",
+        Kind::File,
+        9,
+        &evil,
+        None,
+        None,
+    ));
+    let (stop, peer) = run_hostile_peer(&ident, &b, records, evil.clone()).await;
+    wait_plain(&b, &evil, Instant::now() + Duration::from_secs(20)).await;
+    let root = b.root.clone();
+    let out = tokio::task::spawn_blocking(move || mybox(&root, &["status", "--json"]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status failed: {out:?}\n{}",
+        daemon_log(&b)
+    );
+    let _ = stop.send(());
+    let asked = peer.await.unwrap();
+    assert!(
+        asked.iter().all(|p| !p.starts_with("huge")),
+        "fetched {asked:?}"
+    );
+    assert!(matches!(b.child.as_mut().unwrap().try_wait(), Ok(None)));
+    eprintln!("bad inputs tried: {}", sizes.len());
 }
