@@ -174,8 +174,9 @@ async fn serve_one(ctx: &Arc<ServerCtx>, conn: &Conn, req: Request, out: Respond
         Request::Hello { version, agent } => {
             if version != PROTOCOL_VERSION {
                 tracing::warn!(
-                    "peer {} speaks protocol {version} ({agent})",
-                    conn.peer().id.short_str()
+                    "peer {} speaks protocol {version} ({})",
+                    conn.peer().id.short_str(),
+                    net::clip(&agent)
                 );
             }
             let _ = out

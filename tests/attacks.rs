@@ -763,6 +763,38 @@ async fn get_blocks_with_overflowing_block_indexes_is_refused() {
     eprintln!("bad inputs tried: {tried}");
 }
 
+/// A hello with a foreign protocol version and a megabyte-long agent string full of terminal
+/// escapes: logged as one short escaped line, and the daemon keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_hello_agent_is_logged_short() {
+    let (mut a, b) = daemon_and_client();
+    let ident = identity_of(&b.root);
+    let mut s = connect(&ident, &a.id, a.port).await.unwrap();
+    let agent = "\x1b]0;owned\x07".repeat(1 << 16);
+    let out = ask(
+        &mut s,
+        5,
+        &frame(
+            5,
+            Request::Hello {
+                version: 999,
+                agent,
+            },
+        ),
+    )
+    .await;
+    assert!(matches!(out, Outcome::Answer(_)), "{out:?}");
+    still_serves(&mut a, &ident).await;
+    let log = daemon_log(&a);
+    let line = log
+        .lines()
+        .find(|l| l.contains("speaks protocol 999"))
+        .unwrap_or_else(|| panic!("not logged: {log}"));
+    assert!(line.len() < 4096, "log line of {} bytes", line.len());
+    assert!(!log.contains('\x1b'), "terminal escape reached the log");
+    eprintln!("bad inputs tried: 1");
+}
+
 // ------------------------------------------------------------------ regexes
 
 /// Regexes built to be slow or huge (enormous repetition counts, nested quantifiers, a
