@@ -481,8 +481,11 @@ async fn paired_id_with_another_key_is_refused_both_ways() {
     // Count handshakes the fake server completed and requests that reached it (none may).
     let reached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reached2 = reached.clone();
+    let dialled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dialled2 = dialled.clone();
     let server = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            dialled2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Ok(mut s) = acceptor.accept(tcp).await {
                 reached2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut buf = [0u8; 64];
@@ -520,6 +523,8 @@ async fn paired_id_with_another_key_is_refused_both_ways() {
         reached, 0,
         "a handshake completed or a request reached the forged server"
     );
+    // The CLI did dial the forged server (the refusal is the handshake's, not a dead address).
+    assert!(dialled.load(std::sync::atomic::Ordering::SeqCst) >= 2);
 
     still_serves(&mut a, &b_ident).await;
     eprintln!("bad inputs tried: {tried}");
