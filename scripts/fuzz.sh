@@ -31,7 +31,11 @@ for t in "${targets[@]}"; do
   # A crash stops libFuzzer with a non-zero status; record it and go on with the next target.
   "${FUZZ[@]}" run "$t" -- "${FLAGS[@]}" >"$log" 2>&1 || true
   secs=$(( $(date +%s) - start ))
-  execs=$(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$log" | tail -n 1)
+  # libFuzzer's own figures when it ran to the end ("Done N runs in S second(s)"): they leave out
+  # a rebuild `cargo fuzz run` may do first; after a crash, the wall time and the last status line.
+  execs=$(sed -n 's/^Done \([0-9]*\) runs in [0-9]* second.*/\1/p' "$log" | tail -n 1)
+  done_secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n 1)
+  [ -z "$done_secs" ] || secs=$done_secs
   [ -n "$execs" ] || execs=$(grep -o '^#[0-9]*' "$log" | tail -n 1 | tr -d '#')
   [ -n "$execs" ] || execs=0
   crashes=$(( $(find "artifacts/$t" -type f | wc -l) - before ))
