@@ -650,6 +650,55 @@ async fn traversal_in_every_path_carrying_request_is_refused() {
     eprintln!("bad inputs tried: {tried} ({closed} refused by the decoder)");
 }
 
+/// The same hostile spellings typed at the CLI (`download tcp`, `download udp`, `hash verify`;
+/// all but those with NUL, which no argument can hold): one clear line on stderr each, a
+/// non-zero status, nothing written, nothing outside the store served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_refuses_hostile_paths_with_one_clear_line() {
+    let (mut a, b) = daemon_and_client();
+    let outside = a.root.parent().unwrap().to_path_buf();
+    std::fs::write(
+        outside.join("secret.txt"),
+        b"TOP-SECRET outside the store\n",
+    )
+    .unwrap();
+    let out_dir = b.root.parent().unwrap().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let o = out_dir.to_str().unwrap().to_string();
+    let root = b.root.clone();
+    let tried = tokio::task::spawn_blocking(move || {
+        let mut tried = 0;
+        for (raw, _) in hostile_paths() {
+            let Ok(p) = String::from_utf8(raw) else {
+                continue;
+            };
+            if p.contains('\0') {
+                continue;
+            }
+            for args in [
+                vec!["download", "tcp", p.as_str(), "-o", o.as_str()],
+                vec!["download", "udp", p.as_str(), "-o", o.as_str()],
+                vec!["hash", "verify", p.as_str()],
+            ] {
+                tried += 1;
+                let out = mybox(&root, &args);
+                let err = String::from_utf8_lossy(&out.stderr);
+                let short: String = p.chars().take(30).collect();
+                assert!(!out.status.success(), "{args:?} succeeded");
+                assert_eq!(err.trim_end().lines().count(), 1, "{short:?}: {err}");
+                assert!(err.starts_with("mybox: error: "), "{short:?}: {err}");
+                assert!(!err.contains("TOP-SECRET") && out.stdout.is_empty());
+            }
+        }
+        tried
+    })
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 0);
+    still_serves(&mut a, &identity_of(&b.root)).await;
+    eprintln!("bad inputs tried: {tried}");
+}
+
 /// A symlink in the store pointing outside it (to a file, and to a directory): `download tcp`,
 /// `download udp`, `hash verify` and the sync GetBlocks request never return the target's
 /// content, and nothing is written on the asking side.
