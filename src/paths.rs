@@ -91,7 +91,9 @@ impl RelPath {
 
     /// Like [`parse`](Self::parse) but the empty path (the root) is allowed.
     pub fn parse_or_root(raw: &str) -> Result<Self, PathError> {
-        if raw.trim_matches(|c| c == '/' || c == '.').is_empty() && !raw.starts_with('/') {
+        // Only "", "." and "./" spellings are the root: ".." and "..." are not (the first must be
+        // refused, the second is an ordinary name).
+        if !raw.starts_with('/') && raw.split('/').all(|c| c.is_empty() || c == ".") {
             return Ok(Self::root());
         }
         Self::parse(raw)
@@ -341,6 +343,19 @@ mod tests {
             .starts_with(&RelPath::parse("a/b").unwrap()));
         assert!(RelPath::root().join("x/y").is_err());
         assert!(RelPath::root().join("..").is_err());
+    }
+
+    #[test]
+    fn root_spellings() {
+        for root in ["", ".", "./", "./.", ".//./"] {
+            assert!(RelPath::parse_or_root(root).unwrap().is_root(), "{root:?}");
+        }
+        for bad in ["..", "../", "./..", "/", "/.", "a/../.."] {
+            assert!(RelPath::parse_or_root(bad).is_err(), "accepted {bad:?}");
+        }
+        assert_eq!(RelPath::parse_or_root("...").unwrap().as_str(), "...");
+        let dots: Result<RelPath, _> = serde_json::from_str("\"..\"");
+        assert!(dots.is_err());
     }
 
     #[test]

@@ -187,6 +187,205 @@ pub fn decode_prefixed(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError>
     Ok(Some((decode(&buf[4..4 + len])?, 4 + len)))
 }
 
+/// One frame of every message variant (every request, response, filter, sync and UDP message,
+/// error code), for round-trip tests and as the fuzzer's starting points. The `match` below has
+/// no wildcard arm, so a new variant does not compile until it gets a sample here.
+#[doc(hidden)]
+pub fn sample_frames() -> Vec<Frame> {
+    use crate::model::{Kind, VersionVector};
+    use crate::sync::proto::{SyncRequest, SyncResponse};
+    use crate::udp::proto::{Resume, StartRequest, UdpRequest, UdpResponse};
+    let path = RelPath::parse("dir/file.txt").unwrap_or_default();
+    let entry = EntryInfo {
+        path: path.clone(),
+        kind: Kind::File,
+        size: 3,
+        mtime_ns: -5,
+        mode: 0o644,
+        mime: "text/plain".into(),
+        target: Some("t".into()),
+        md5: Some([1; 16]),
+        sha256: Some([2; 32]),
+    };
+    let record = Record {
+        path: path.clone(),
+        kind: Kind::Symlink,
+        size: 1 << 20,
+        mtime_ns: 7,
+        mode: 0o755,
+        target: Some("../x".into()),
+        md5: None,
+        sha256: Some([3; 32]),
+        blocks: vec![[4; 32], [5; 32]],
+        version: VersionVector(vec![(1, 2), (3, 4)]),
+        deleted: true,
+        sequence: 9,
+        modified_by: 11,
+    };
+    let filters = vec![
+        ListFilter::All,
+        ListFilter::MtimeRange {
+            start_ns: -1,
+            end_ns: i64::MAX,
+        },
+        ListFilter::Regex("^a.*b$".into()),
+        ListFilter::Path(path.clone()),
+    ];
+    let mut requests = vec![
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "mybox/x".into(),
+        },
+        Request::Download {
+            path: path.clone(),
+            offset: 5,
+        },
+        Request::Sync(SyncRequest::IndexSince { since: 3 }),
+        Request::Sync(SyncRequest::IndexChanged { max_seq: 4 }),
+        Request::Sync(SyncRequest::GetBlocks {
+            path: path.clone(),
+            first: 2,
+            hashes: vec![[6; 32]; 3],
+        }),
+        Request::Sync(SyncRequest::Bye),
+        Request::Ping,
+    ];
+    for f in &filters {
+        requests.push(Request::List { filter: f.clone() });
+        requests.push(Request::Hash { filter: f.clone() });
+    }
+    for resume in [
+        None,
+        Some(Resume {
+            size: 100,
+            mtime_ns: 8,
+            have: vec![0xa5, 0x01],
+        }),
+    ] {
+        requests.push(Request::Udp(UdpRequest::Start(StartRequest {
+            path: path.clone(),
+            offset: 1,
+            len: Some(50),
+            chunk: 1200,
+            initial_rate: 1 << 20,
+            max_rate: 1 << 30,
+            resume,
+        })));
+    }
+    let mut responses = vec![
+        Response::Hello {
+            version: PROTOCOL_VERSION,
+            agent: "mybox/y".into(),
+        },
+        Response::Entries(vec![entry.clone(), entry.clone()]),
+        Response::FileHeader {
+            entry: entry.clone(),
+        },
+        Response::Data(vec![0, 1, 2, 255]),
+        Response::FileTrailer {
+            md5: [7; 16],
+            sha256: [8; 32],
+            size: 4,
+        },
+        Response::Sync(SyncResponse::IndexEnd {
+            last_sent: 1,
+            current_max: 2,
+        }),
+        Response::Sync(SyncResponse::Ack),
+        Response::Udp(UdpResponse::Ready {
+            session: [9; 16],
+            port: 4000,
+            entry: entry.clone(),
+            total: 3,
+            resumed: true,
+        }),
+        Response::Udp(UdpResponse::Finished {
+            md5: [10; 16],
+            sha256: [11; 32],
+            size: 3,
+            stats: "s".into(),
+        }),
+        Response::Records(vec![record]),
+        Response::Pong,
+        Response::Done,
+    ];
+    for code in [
+        ErrorCode::BadRequest,
+        ErrorCode::BadPath,
+        ErrorCode::NotFound,
+        ErrorCode::NotAFile,
+        ErrorCode::Busy,
+        ErrorCode::Changed,
+        ErrorCode::Io,
+        ErrorCode::Unsupported,
+        ErrorCode::Internal,
+    ] {
+        responses.push(Response::Error {
+            code,
+            message: format!("{code:?}"),
+        });
+    }
+    let mut frames: Vec<Frame> = Vec::new();
+    for (i, body) in requests.into_iter().enumerate() {
+        frames.push(Frame::Request { id: i as u32, body });
+    }
+    for (i, body) in responses.into_iter().enumerate() {
+        frames.push(Frame::Response {
+            id: i as u32,
+            end: i % 2 == 0,
+            body,
+        });
+    }
+    frames.push(Frame::Cancel { id: u32::MAX });
+    // Exhaustiveness witness: a variant missing above is a compile error here.
+    for f in &frames {
+        match f {
+            Frame::Request { body, .. } => match body {
+                Request::Hello { .. }
+                | Request::List { .. }
+                | Request::Hash { .. }
+                | Request::Download { .. }
+                | Request::Ping => {}
+                Request::Sync(s) => match s {
+                    SyncRequest::IndexSince { .. }
+                    | SyncRequest::IndexChanged { .. }
+                    | SyncRequest::GetBlocks { .. }
+                    | SyncRequest::Bye => {}
+                },
+                Request::Udp(UdpRequest::Start(_)) => {}
+            },
+            Frame::Response { body, .. } => match body {
+                Response::Hello { .. }
+                | Response::Entries(_)
+                | Response::FileHeader { .. }
+                | Response::Data(_)
+                | Response::FileTrailer { .. }
+                | Response::Records(_)
+                | Response::Pong
+                | Response::Error { .. }
+                | Response::Done => {}
+                Response::Sync(SyncResponse::IndexEnd { .. } | SyncResponse::Ack) => {}
+                Response::Udp(UdpResponse::Ready { .. } | UdpResponse::Finished { .. }) => {}
+            },
+            Frame::Cancel { .. } => {}
+        }
+    }
+    frames
+}
+
+/// Bincode varint length prefixes that claim far more than any frame holds (a u64, u32::MAX,
+/// and one byte under the frame cap), for tests that splice them into encoded messages.
+#[doc(hidden)]
+pub fn huge_length_claims() -> Vec<Vec<u8>> {
+    let mut u64_claim = vec![0xfd];
+    u64_claim.extend_from_slice(&(u64::MAX / 3).to_le_bytes());
+    let mut u32_claim = vec![0xfc];
+    u32_claim.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut under_cap = vec![0xfc];
+    under_cap.extend_from_slice(&(MAX_FRAME as u32 - 1).to_le_bytes());
+    vec![u64_claim, u32_claim, under_cap]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +422,43 @@ mod tests {
                 .unwrap()
                 .is_none());
         }
+    }
+
+    #[test]
+    fn every_sample_variant_roundtrips() {
+        let frames = sample_frames();
+        assert!(frames.len() >= 39, "{} samples", frames.len());
+        for f in frames {
+            let bytes = encode(&f).unwrap();
+            let (back, used) = decode_prefixed(&bytes).unwrap().unwrap();
+            assert_eq!(back, f);
+            assert_eq!(used, bytes.len());
+        }
+    }
+
+    /// Every length field of every message claims far more than the frame holds (u32::MAX and
+    /// u64 lengths, and one just under the cap): decoding fails cleanly; that it never allocates
+    /// the claimed size is measured by `decoders_never_allocate_a_claimed_length` in
+    /// tests/attacks.rs, which counts allocations.
+    #[test]
+    fn huge_inner_lengths_fail_cleanly() {
+        let mut tried = 0;
+        for f in sample_frames() {
+            let body = encode(&f).unwrap()[4..].to_vec();
+            for at in 0..body.len() {
+                for claim in huge_length_claims() {
+                    let mut evil = body[..at].to_vec();
+                    evil.extend_from_slice(&claim);
+                    evil.extend_from_slice(&body[at..]);
+                    // Whatever decodes must have consumed the claim as a number, not a length.
+                    if let Ok(back) = decode(&evil) {
+                        assert!(encode(&back).is_ok());
+                    }
+                    tried += 1;
+                }
+            }
+        }
+        assert!(tried > 1000);
     }
 
     #[test]

@@ -88,6 +88,20 @@ impl Handler for BoxHandler {
     }
 }
 
+/// A peer-supplied regex for the logs: cut to the accepted length, so a hostile megabyte-long
+/// pattern costs the history one short line.
+fn log_regex(r: &str) -> String {
+    let limit = crate::query::MAX_REGEX_LEN;
+    if r.len() <= limit {
+        return format!("{r:?}");
+    }
+    let mut end = limit;
+    while !r.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &r[..end], r.len())
+}
+
 /// Short text of a request for logs.
 pub fn describe(req: &Request) -> String {
     match req {
@@ -99,12 +113,13 @@ pub fn describe(req: &Request) -> String {
                 crate::timeparse::format_ns(*start_ns),
                 crate::timeparse::format_ns(*end_ns)
             ),
-            ListFilter::Regex(r) => format!("index regex {r:?}"),
+            ListFilter::Regex(r) => format!("index regex {}", log_regex(r)),
             ListFilter::Path(p) => format!("index path {p}"),
         },
         Request::Hash { filter } => match filter {
             ListFilter::Path(p) => format!("hash verify {p}"),
             ListFilter::All => "hash checkall".into(),
+            ListFilter::Regex(r) => format!("hash regex {}", log_regex(r)),
             other => format!("hash {other:?}"),
         },
         Request::Download { path, offset } if *offset > 0 => {
@@ -159,8 +174,9 @@ async fn serve_one(ctx: &Arc<ServerCtx>, conn: &Conn, req: Request, out: Respond
         Request::Hello { version, agent } => {
             if version != PROTOCOL_VERSION {
                 tracing::warn!(
-                    "peer {} speaks protocol {version} ({agent})",
-                    conn.peer().id.short_str()
+                    "peer {} speaks protocol {version} ({})",
+                    conn.peer().id.short_str(),
+                    net::clip(&agent)
                 );
             }
             let _ = out

@@ -5,7 +5,9 @@ use mybox::paths::RelPath;
 use mybox::scan::IgnoreRules;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     let (rules, _errors) = IgnoreRules::parse(std::path::Path::new("/store"), s);
     for line in s.lines().take(8) {
         if let Ok(p) = RelPath::parse(line) {

@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use mybox::paths::RelPath;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(p) = RelPath::parse(s) {
         let t = p.as_str();
         assert!(!t.is_empty() && !t.starts_with('/') && !t.contains('\0') && !t.contains('\\'));
@@ -14,5 +16,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(RelPath::parse(t).ok().as_ref(), Some(&p));
         let root = std::path::Path::new("/store");
         assert!(p.to_fs(root).starts_with(root));
+    }
+    // What the wire decoder uses (the root allowed): same guarantees for anything but the root.
+    if let Ok(p) = RelPath::parse_or_root(s) {
+        if !p.is_root() {
+            assert_eq!(RelPath::parse(s).ok().as_ref(), Some(&p));
+        }
     }
 });

@@ -135,11 +135,28 @@ async fn hello(conn: &Conn) -> anyhow::Result<()> {
         Response::Hello { version, .. } if version == PROTOCOL_VERSION => Ok(()),
         Response::Hello { version, agent } => {
             anyhow::bail!(
-                "peer speaks protocol {version} ({agent}); this box speaks {PROTOCOL_VERSION}"
+                "peer speaks protocol {version} ({}); this box speaks {PROTOCOL_VERSION}",
+                clip(&agent)
             )
         }
-        other => anyhow::bail!("unexpected hello answer: {other:?}"),
+        other => anyhow::bail!("unexpected hello answer: {}", clip(&format!("{other:?}"))),
     }
+}
+
+/// Peer-supplied text for a log line or an error: escaped (no terminal control sequences) and
+/// cut short, so a hostile peer cannot flood the logs with a 16 MiB string.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 200;
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str(&format!("... ({} bytes)", s.len()));
+    }
+    out
 }
 
 pub fn agent() -> String {

@@ -363,8 +363,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Ok(_)) => {}
         }
         let len = protocol::check_len(prefix)?;
-        // `len` was checked against the cap; read without zero-filling first.
-        let mut body = Vec::with_capacity(len);
+        // `len` was checked against the cap; read without zero-filling first. Reserve at most
+        // one data frame up front: a peer that announces 16 MiB and sends 4 bytes must not make
+        // us reserve 16 MiB per connection; bigger frames grow as their bytes arrive.
+        let mut body = Vec::with_capacity(len.min(protocol::DATA_CHUNK + 4096));
         let got = tokio::time::timeout(
             FRAME_TIMEOUT,
             (&mut *rd).take(len as u64).read_to_end(&mut body),

@@ -726,9 +726,16 @@ pub fn clear_tmp(tmp: &Path) {
 
 /// Read one block of a local file for a peer, refusing if it does not hash to `want`.
 pub fn read_block(f: &File, i: u64, size: u64, want: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
-    let len = BLOCK_SIZE.min(size.saturating_sub(i * BLOCK_SIZE)) as usize;
+    // `i` may come from a peer: an index whose offset overflows is refused, not wrapped.
+    let start = i.checked_mul(BLOCK_SIZE).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("block {i} is out of range"),
+        )
+    })?;
+    let len = BLOCK_SIZE.min(size.saturating_sub(start)) as usize;
     let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, i * BLOCK_SIZE)?;
+    f.read_exact_at(&mut buf, start)?;
     if <[u8; 32]>::from(Sha256::digest(&buf)) != *want {
         return Ok(None);
     }
