@@ -1168,12 +1168,9 @@ async fn hostile_sync_peer_cannot_write_through_symlinks() {
 }
 
 /// A hostile peer announcing files of absurd sizes (2^63 bytes and more, with one block): the
-/// receiver neither fetches nor allocates for them, and keeps answering `status`.
-/// Ignored until the engine is fixed: `status` builds `size / BLOCK_SIZE` placeholder block
-/// hashes for every remote record (src/sync/engine.rs, `status_blocking`), so the daemon aborts
-/// on "memory allocation of 4503599627370496 bytes failed".
+/// receiver neither fetches nor allocates for them, and keeps answering `status` (it once
+/// aborted on "memory allocation of 4503599627370496 bytes failed" in `status`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "daemon aborts: status_blocking allocates size/BLOCK_SIZE hashes per remote record"]
 async fn hostile_sync_peer_cannot_exhaust_memory_with_claimed_sizes() {
     use mybox::model::Kind;
     let mut b = TestBox::new("b");

@@ -1434,7 +1434,12 @@ impl Engine {
                 }
                 // Blocks were dropped for memory; the planner only needs them to be complete.
                 let mut full = r;
-                full.blocks = vec![[0; 32]; full.size.div_ceil(crate::model::BLOCK_SIZE) as usize];
+                // A block list longer than a frame can carry was never complete: leave it empty
+                // (and never allocate what a hostile peer's size claims).
+                let n = full.size.div_ceil(crate::model::BLOCK_SIZE);
+                if n <= (crate::protocol::MAX_FRAME / 32) as u64 {
+                    full.blocks = vec![[0; 32]; n as usize];
+                }
                 if planner::plan(l.as_ref(), &full) == Action::Nothing {
                     return;
                 }
