@@ -119,12 +119,32 @@ def wait_synced(b, expect_entries, timeout=3600):
     raise SystemExit("mybox did not finish in time")
 
 
+RUN_DIR = os.path.join(BASE, f"run-{os.getpid()}")
+CLEAN_BEFORE = 0.0
+
+
 def fresh(name):
-    d = os.path.join(BASE, name)
-    if os.path.exists(d):
-        shutil.rmtree(d)
+    """A new, empty folder for one measurement. Nothing is deleted until the whole run is over:
+    ext4 skips inodes freed in the last 1-6 minutes when it allocates, so a tree deleted just
+    before a timing makes every file creation of the tool timed next scan past them."""
+    n = 0
+    while os.path.exists(d := os.path.join(RUN_DIR, f"{name}-{n}")):
+        n += 1
     os.makedirs(d)
     return d
+
+
+def clean_old_runs():
+    """Trees left by earlier runs go first, then a pause past ext4's recently-freed window."""
+    global CLEAN_BEFORE
+    old = [os.path.join(BASE, e) for e in os.listdir(BASE)
+           if e.startswith("run-") or e.endswith(("-init", "-latency", "-1g", "-100k"))]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    if old:
+        wait = float(os.environ.get("SETTLE", "70"))
+        log(f"removed {len(old)} old trees; waiting {wait:.0f} s so their inodes are not 'recent'")
+        time.sleep(wait)
 
 
 def same_tree(x, y):
@@ -484,6 +504,7 @@ class Rows(list):
 
 def main():
     os.makedirs(BASE, exist_ok=True)
+    clean_old_runs()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rows = Rows()
     try:
@@ -515,6 +536,7 @@ def main():
                          f"{scan:.1f} s, {t:.1f} s, {ra // 1024} / {rb // 1024} MB", "", "", ""))
     finally:
         stop_all()
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
     head = ("measure", "mybox", "rsync -a", "unison", "syncthing")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     line = "+".join("-" * (w + 2) for w in widths)
