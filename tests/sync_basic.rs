@@ -172,3 +172,37 @@ fn status_and_single_instance() {
     b.stop();
     assert!(!a.root.join(".mybox/control.sock").exists());
 }
+
+#[test]
+fn transport_udp_carries_the_bulk_data() {
+    let mut a = TestBox::new("a");
+    let mut b = TestBox::new("b");
+    pair(&a, &b);
+    let cfg = b.path(".mybox/config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("transport = \"tcp\""), "{text}");
+    std::fs::write(&cfg, text.replace("transport = \"tcp\"", "transport = \"udp\"")).unwrap();
+    a.start();
+    b.start();
+    let data: Vec<u8> = (0..12_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    a.write("big.bin", &data);
+    a.write("small.txt", b"small files stay on TCP");
+    wait_converged(&[&a, &b], CONVERGE);
+    assert!(b.read("big.bin").unwrap() == data, "content differs");
+    let stats = &b.status_json()["stats"];
+    let udp = stats["bytes_fetched_udp"].as_u64().unwrap();
+    let all = stats["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        udp >= data.len() as u64 && all - udp < 1024 * 1024,
+        "udp {udp} of {all} bytes fetched"
+    );
+    // The other way stays on TCP (A is not configured for UDP).
+    let back: Vec<u8> = data[..6_000_000].iter().map(|x| x ^ 0x5a).collect();
+    b.write("back.bin", &back);
+    wait_converged(&[&a, &b], CONVERGE);
+    let a_stats = &a.status_json()["stats"];
+    assert_eq!(a_stats["bytes_fetched_udp"].as_u64(), Some(0));
+    assert!(a_stats["bytes_fetched"].as_u64().unwrap() >= 6_000_000);
+}

@@ -36,6 +36,10 @@ const MAX_SCAN_ROOTS: usize = 64;
 const BATCH_MAX_FILE: u64 = 16 * 1024 * 1024;
 /// Block requests in flight per file (each up to `proto::MAX_BLOCKS_PER_REQUEST` blocks).
 const FETCH_PIPELINE: usize = 4;
+/// With `transport = "udp"`, files missing at least this much go over the UDP bulk path.
+const UDP_MIN_BYTES: u64 = 4 * 1024 * 1024;
+/// Bytes asked for in one UDP transfer (held in memory until verified and written).
+const UDP_RANGE_BYTES: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
 /// At most this many files per batch (and fetched files waiting for one).
@@ -59,6 +63,8 @@ struct PeerSlot {
 #[derive(Default)]
 pub struct Stats {
     pub bytes_fetched: AtomicU64,
+    /// The part of `bytes_fetched` that came over the UDP bulk path.
+    pub bytes_fetched_udp: AtomicU64,
     pub bytes_reused: AtomicU64,
     pub files_pulled: AtomicU64,
     pub deleted: AtomicU64,
@@ -1330,6 +1336,24 @@ impl Engine {
                 .ok_or_else(|| ApplyError::Unavailable(rec.path.clone()))?;
             // Several requests in flight, so the link and both ends stay busy (one at a time
             // left each waiting on the other's read, hash and write).
+            let missing_bytes: u64 = building
+                .missing
+                .iter()
+                .map(|i| building.block_len(*i))
+                .sum();
+            if missing_bytes >= UDP_MIN_BYTES {
+                if let Some(opts) = self.udp_options(&conn) {
+                    match self.fetch_udp(&conn, &building, &opts).await {
+                        Ok(()) => return Ok(Some(building)),
+                        // Whatever arrived and verified stays written; TCP fetches it all again
+                        // (simple, and only after UDP failed, e.g. a firewall dropping it).
+                        Err(e) => tracing::warn!(
+                            "{}: UDP transfer failed ({e:#}); fetching over TCP",
+                            rec.path
+                        ),
+                    }
+                }
+            }
             let all_runs = runs(&building.missing, proto::MAX_BLOCKS_PER_REQUEST);
             if let [run] = &all_runs[..] {
                 // Small files: no task to spawn and wake.
@@ -1373,6 +1397,49 @@ impl Engine {
             }
         }
         Ok(Some(building))
+    }
+
+    /// UDP options when this box is configured with `transport = "udp"`.
+    fn udp_options(&self, conn: &Conn) -> Option<crate::udp::Options> {
+        let cfg = self.ctx.local.dir.load_config().ok()?;
+        (cfg.transport == crate::config::Transport::Udp)
+            .then(|| crate::udp::Options::for_peer(cfg.udp_payload, conn.peer().addr))
+    }
+
+    /// Fetch the missing blocks of a file over the UDP bulk path, a run of contiguous blocks
+    /// at a time; every block is checked against its hash as it is written.
+    async fn fetch_udp(
+        &self,
+        conn: &Conn,
+        building: &Building,
+        opts: &crate::udp::Options,
+    ) -> anyhow::Result<()> {
+        let per_range = (UDP_RANGE_BYTES / crate::model::BLOCK_SIZE) as usize;
+        for run in runs(&building.missing, per_range) {
+            let first = run[0];
+            let len: u64 = run.iter().map(|i| building.block_len(*i)).sum();
+            let data = crate::udp::fetch_range(
+                conn,
+                &building.rec.path,
+                first * crate::model::BLOCK_SIZE,
+                len,
+                opts,
+            )
+            .await?;
+            for (k, i) in run.iter().enumerate() {
+                let start = k * crate::model::BLOCK_SIZE as usize;
+                let end = start + building.block_len(*i) as usize;
+                let block = data
+                    .get(start..end)
+                    .ok_or_else(|| anyhow::anyhow!("short UDP range"))?;
+                building.write_block(*i, block)?;
+            }
+            self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+            self.stats
+                .bytes_fetched_udp
+                .fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- status
@@ -1499,6 +1566,7 @@ impl Engine {
             "last_error_at": last.as_ref().map(|l| l.1.clone()),
             "stats": {
                 "bytes_fetched": self.stats.bytes_fetched.load(Ordering::Relaxed),
+                "bytes_fetched_udp": self.stats.bytes_fetched_udp.load(Ordering::Relaxed),
                 "bytes_reused": self.stats.bytes_reused.load(Ordering::Relaxed),
                 "files_pulled": self.stats.files_pulled.load(Ordering::Relaxed),
                 "deleted": self.stats.deleted.load(Ordering::Relaxed),
