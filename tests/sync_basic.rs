@@ -181,7 +181,11 @@ fn transport_udp_carries_the_bulk_data() {
     let cfg = b.path(".mybox/config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(text.contains("transport = \"tcp\""), "{text}");
-    std::fs::write(&cfg, text.replace("transport = \"tcp\"", "transport = \"udp\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("transport = \"tcp\"", "transport = \"udp\""),
+    )
+    .unwrap();
     a.start();
     b.start();
     let data: Vec<u8> = (0..12_000_000u32)
