@@ -700,14 +700,17 @@ impl Engine {
         let mut s = conn
             .request(Request::Sync(SyncRequest::IndexSince { since }))
             .await?;
-        let mut paths = Vec::new();
+        let mut total = 0usize;
         while let Some(r) = s.next().await? {
             match r {
                 Response::Records(recs) => {
-                    paths.extend(recs.iter().map(|r| r.path.clone()));
+                    let page: Vec<RelPath> = recs.iter().map(|r| r.path.clone()).collect();
                     let db = self.db.clone();
                     let p = peer.to_string();
                     blocking(move || lock(&db).store_remote(&p, &recs)).await??;
+                    // Pulling starts with the first page, not after the whole index arrived.
+                    total += page.len();
+                    self.mark_dirty(page);
                 }
                 Response::Sync(SyncResponse::IndexEnd {
                     last_sent,
@@ -726,13 +729,8 @@ impl Engine {
                 other => anyhow::bail!("unexpected answer to index-since: {other:?}"),
             }
         }
-        if !paths.is_empty() {
-            tracing::debug!(
-                "{} records from {}",
-                paths.len(),
-                &peer[..7.min(peer.len())]
-            );
-            self.mark_dirty(paths);
+        if total > 0 {
+            tracing::debug!("{total} records from {}", &peer[..7.min(peer.len())]);
         }
         Ok(())
     }
