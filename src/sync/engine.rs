@@ -35,11 +35,13 @@ const MAX_SCAN_ROOTS: usize = 64;
 /// Files at most this big are put in place in batches (see [`Engine::finisher`]).
 const BATCH_MAX_FILE: u64 = 16 * 1024 * 1024;
 /// Block requests in flight per file (each up to `proto::MAX_BLOCKS_PER_REQUEST` blocks).
-const FETCH_PIPELINE: usize = 4;
+const FETCH_PIPELINE: usize = 8;
 /// With `transport = "udp"`, files missing at least this much go over the UDP bulk path.
 const UDP_MIN_BYTES: u64 = 4 * 1024 * 1024;
 /// Bytes asked for in one UDP transfer (held in memory until verified and written).
 const UDP_RANGE_BYTES: u64 = 32 * 1024 * 1024;
+/// Bytes of a big file written between two nudges of the kernel's writeback.
+const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
 /// At most this many files per batch (and fetched files waiting for one).
@@ -1380,6 +1382,7 @@ impl Engine {
             for run in todo.by_ref().take(FETCH_PIPELINE) {
                 spawn(&mut inflight, run);
             }
+            let mut unflushed = 0u64;
             while let Some(joined) = inflight.join_next().await {
                 let (first, blocks) =
                     joined.map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))??;
@@ -1388,6 +1391,11 @@ impl Engine {
                     self.stats
                         .bytes_fetched
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    unflushed += d.len() as u64;
+                }
+                if unflushed >= WRITEBACK_EVERY {
+                    building.start_writeback();
+                    unflushed = 0;
                 }
                 if let Some(run) = todo.next() {
                     spawn(&mut inflight, run);
