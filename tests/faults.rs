@@ -358,6 +358,11 @@ fn network_cut_and_peer_restart_mid_transfer() {
         // Cut b off (every packet in and out dropped), change both sides meanwhile, restore.
         net.iptables(1, "-I");
         faults += 1;
+        let (have, size) = (
+            fs::metadata(b.path(&format!("a/big{run}.bin"))).is_ok(),
+            48 * MIB,
+        );
+        eprintln!("cut {run}: b had the {size}-byte file already: {have}");
         for side in [&a, &b] {
             let rel = format!("{}/cut{run}.txt", side.name);
             ledger.write(side, &rel, format!("during cut {run}").into_bytes());
