@@ -437,13 +437,23 @@ impl Mounted {
         ok.then(|| Mounted(at.to_path_buf()))
     }
 
-    fn unmount(self) {
+    /// Unmount cleanly and, for a loop mount of `img`, wait until the loop device is released
+    /// (its last writes land in the image after umount returns).
+    fn unmount(self, img: &Path) {
+        let _ = Command::new("sync").arg("-f").arg(&self.0).status();
         let ok = Command::new("umount")
             .arg(&self.0)
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "umount {}", self.0.display());
         std::mem::forget(self);
+        wait_for("the loop device to be released", Duration::from_secs(10), || {
+            Command::new("losetup")
+                .arg("-j")
+                .arg(img)
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+        });
     }
 }
 
@@ -550,9 +560,9 @@ fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<
     assert!(out.status.success(), "{out:?}");
     let before = fs::metadata(b.path("precious.bin")).unwrap();
     let root = b.root.clone();
-    m.unmount();
-    // Flip the marker's bytes in the image.
-    let mut bytes = fs::read(&img).unwrap();
+    m.unmount(&img);
+    // Flip the marker's bytes in the image, in place.
+    let bytes = fs::read(&img).unwrap();
     let hits: Vec<usize> = bytes
         .windows(marker.len())
         .enumerate()
@@ -560,11 +570,14 @@ fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<
         .map(|(i, _)| i)
         .collect();
     assert_eq!(hits.len(), 1, "marker found {} times in the image", hits.len());
-    for x in &mut bytes[hits[0]..hits[0] + marker.len()] {
-        *x ^= 0x5a;
-    }
-    fs::write(&img, &bytes).unwrap();
+    let flipped: Vec<u8> = marker.iter().map(|x| x ^ 0x5a).collect();
     drop(bytes);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&flipped, hits[0] as u64).unwrap();
+        f.sync_all().unwrap();
+    }
     let m = Mounted::ext4_image(&img, &mnt)?;
     let after = fs::metadata(root.join("precious.bin")).unwrap();
     assert_eq!(
