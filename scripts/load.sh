@@ -79,10 +79,13 @@ timed3() { # label cmd... -> "best worst" seconds; fails loudly if the command f
   echo "$best / $worst"
 }
 sleep 3 # let b finish indexing what it received
+# Memory after the initial sync, before any query: the sync engine's share.
+sync_a="$(mb "$A" VmHWM) / $(mb "$A" VmRSS)"; sync_b="$(mb "$B" VmHWM) / $(mb "$B" VmRSS)"
 ll_peer=$(timed3 "$BIN" --box "$work/b" index longlist)
 ll_local=$(timed3 "$BIN" --box "$work/a" index longlist --local)
 ca_peer=$(timed3 "$BIN" --box "$work/b" hash checkall)
 ca_local=$(timed3 "$BIN" --box "$work/a" hash checkall --local)
+q1_a="$(mb "$A" VmHWM) / $(mb "$A" VmRSS)"
 n_ll=$("$BIN" --box "$work/b" index longlist --json | python3 -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if e["kind"]=="file"))')
 
 # 50 clients at once while a sync runs (a new batch of 5,000 files and a 256 MiB file).
@@ -178,8 +181,11 @@ row "index longlist --local (s)" "$ll_local" "< 1"
 row "hash checkall cached, of peer (s)" "$ca_peer" "< 2"
 row "hash checkall --local cached (s)" "$ca_local" "< 2"
 row "longlist file entries" "$n_ll" "$N"
-row "daemon a RSS peak / steady (MB)" "$peak_a / $steady_a" "< 100"
-row "daemon b RSS peak / steady (MB)" "$peak_b / $steady_b" "< 100"
+row "a RSS peak / now after initial sync (MB)" "$sync_a" "< 100"
+row "b RSS peak / now after initial sync (MB)" "$sync_b" "< 100"
+row "a RSS peak / now after 6 single queries" "$q1_a" "< 100"
+row "a RSS peak / steady at the end (MB)" "$peak_a / $steady_a" "< 100"
+row "b RSS peak / steady at the end (MB)" "$peak_b / $steady_b" "< 100"
 row "50 clients during a sync: answered" "$q_ok / 50 in $q_time s" "50"
 row "50 clients: refused" "$q_refused" "0"
 row "200 idle + 20 slow conns: change crossed (s)" "$prop" ""

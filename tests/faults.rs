@@ -106,7 +106,8 @@ impl Ledger {
         self.0
             .iter()
             .filter(|(path, data)| {
-                let at_path = matches!(t.get(*path), Some(Entry::File { data: d, .. }) if d == *data);
+                let at_path =
+                    matches!(t.get(*path), Some(Entry::File { data: d, .. }) if d == *data);
                 let (dir, name) = match path.rfind('/') {
                     Some(i) => (&path[..=i], &path[i + 1..]),
                     None => ("", path.as_str()),
@@ -114,8 +115,7 @@ impl Ledger {
                 let stem = name.split('.').next().unwrap_or(name);
                 let prefix = format!("{dir}{stem}.sync-conflict-");
                 let in_copy = t.iter().any(|(k, e)| {
-                    k.starts_with(&prefix)
-                        && matches!(e, Entry::File { data: d, .. } if d == *data)
+                    k.starts_with(&prefix) && matches!(e, Entry::File { data: d, .. } if d == *data)
                 });
                 !at_path && !in_copy
             })
@@ -312,7 +312,16 @@ impl NetPair {
     fn iptables(&self, i: usize, op: &str) {
         for chain in ["INPUT", "OUTPUT"] {
             let ok = Command::new("ip")
-                .args(["netns", "exec", &self.ns[i], "iptables", op, chain, "-j", "DROP"])
+                .args([
+                    "netns",
+                    "exec",
+                    &self.ns[i],
+                    "iptables",
+                    op,
+                    chain,
+                    "-j",
+                    "DROP",
+                ])
                 .status()
                 .is_ok_and(|s| s.success());
             assert!(ok, "iptables {op} {chain} in {}", self.ns[i]);
@@ -351,7 +360,11 @@ fn network_cut_and_peer_restart_mid_transfer() {
     let mut ledger = Ledger::default();
     let (mut faults, mut survived, mut lost, mut failure) = (0, 0, 0, None);
     for run in 0..cuts {
-        ledger.write(&a, &format!("a/big{run}.bin"), pattern(rng.next(), 48 * MIB));
+        ledger.write(
+            &a,
+            &format!("a/big{run}.bin"),
+            pattern(rng.next(), 48 * MIB),
+        );
         wait_for("the transfer to start", Duration::from_secs(60), || {
             sync_tmp_busy(&b)
         });
@@ -388,13 +401,21 @@ fn network_cut_and_peer_restart_mid_transfer() {
     let (mut faults, mut survived) = (0, 0);
     let restarts = runs(1, 3);
     for run in 0..restarts {
-        ledger.write(&a, &format!("a/restart{run}.bin"), pattern(rng.next(), 48 * MIB));
+        ledger.write(
+            &a,
+            &format!("a/restart{run}.bin"),
+            pattern(rng.next(), 48 * MIB),
+        );
         wait_for("the transfer to start", Duration::from_secs(60), || {
             sync_tmp_busy(&b)
         });
         a.stop();
         faults += 1;
-        ledger.write(&b, &format!("b/restart{run}.txt"), b"while a restarted".to_vec());
+        ledger.write(
+            &b,
+            &format!("b/restart{run}.txt"),
+            b"while a restarted".to_vec(),
+        );
         a.start();
         match check_outcome(&[&a, &b], &ledger, Duration::from_secs(120)) {
             Ok(n) => {
@@ -447,13 +468,17 @@ impl Mounted {
             .is_ok_and(|s| s.success());
         assert!(ok, "umount {}", self.0.display());
         std::mem::forget(self);
-        wait_for("the loop device to be released", Duration::from_secs(10), || {
-            Command::new("losetup")
-                .arg("-j")
-                .arg(img)
-                .output()
-                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
-        });
+        wait_for(
+            "the loop device to be released",
+            Duration::from_secs(10),
+            || {
+                Command::new("losetup")
+                    .arg("-j")
+                    .arg(img)
+                    .output()
+                    .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+            },
+        );
     }
 }
 
@@ -569,7 +594,12 @@ fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<
         .filter(|(_, w)| *w == marker)
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(hits.len(), 1, "marker found {} times in the image", hits.len());
+    assert_eq!(
+        hits.len(),
+        1,
+        "marker found {} times in the image",
+        hits.len()
+    );
     let flipped: Vec<u8> = marker.iter().map(|x| x ^ 0x5a).collect();
     drop(bytes);
     {
@@ -581,8 +611,18 @@ fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<
     let m = Mounted::ext4_image(&img, &mnt)?;
     let after = fs::metadata(root.join("precious.bin")).unwrap();
     assert_eq!(
-        (before.ino(), before.size(), before.mtime_nsec(), before.ctime_nsec()),
-        (after.ino(), after.size(), after.mtime_nsec(), after.ctime_nsec()),
+        (
+            before.ino(),
+            before.size(),
+            before.mtime_nsec(),
+            before.ctime_nsec()
+        ),
+        (
+            after.ino(),
+            after.size(),
+            after.mtime_nsec(),
+            after.ctime_nsec()
+        ),
         "the corruption changed the stat key"
     );
     let bad = fs::read(root.join("precious.bin")).unwrap();
@@ -663,11 +703,15 @@ fn corrupted_block_is_reported_in_status() {
     pair(&a, &b);
     b.start();
     a.start();
-    wait_for("b to report the corrupted file in its status", CONVERGE, || {
-        b.status_json()["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("precious.bin"))
-    });
+    wait_for(
+        "b to report the corrupted file in its status",
+        CONVERGE,
+        || {
+            b.status_json()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("precious.bin"))
+        },
+    );
     a.kill9();
     b.kill9();
 }
