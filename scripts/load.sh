@@ -80,7 +80,7 @@ timed3() { # label cmd... -> "best worst" seconds; fails loudly if the command f
 }
 sleep 3 # let b finish indexing what it received
 # Memory after the initial sync, before any query: the sync engine's share.
-sync_a="$(mb "$A" VmHWM) / $(mb "$A" VmRSS)"; sync_b="$(mb "$B" VmHWM) / $(mb "$B" VmRSS)"
+rss_sync_a="$(mb "$A" VmHWM) / $(mb "$A" VmRSS)"; rss_sync_b="$(mb "$B" VmHWM) / $(mb "$B" VmRSS)"
 ll_peer=$(timed3 "$BIN" --box "$work/b" index longlist)
 ll_local=$(timed3 "$BIN" --box "$work/a" index longlist --local)
 ca_peer=$(timed3 "$BIN" --box "$work/b" hash checkall)
@@ -181,8 +181,8 @@ row "index longlist --local (s)" "$ll_local" "< 1"
 row "hash checkall cached, of peer (s)" "$ca_peer" "< 2"
 row "hash checkall --local cached (s)" "$ca_local" "< 2"
 row "longlist file entries" "$n_ll" "$N"
-row "a RSS peak / now after initial sync (MB)" "$sync_a" "< 100"
-row "b RSS peak / now after initial sync (MB)" "$sync_b" "< 100"
+row "a RSS peak / now after initial sync (MB)" "$rss_sync_a" "< 100"
+row "b RSS peak / now after initial sync (MB)" "$rss_sync_b" "< 100"
 row "a RSS peak / now after 6 single queries" "$q1_a" "< 100"
 row "a RSS peak / steady at the end (MB)" "$peak_a / $steady_a" "< 100"
 row "b RSS peak / steady at the end (MB)" "$peak_b / $steady_b" "< 100"
