@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::hashing::{self, FileHashes, StatKey};
-use crate::model::BLOCK_SIZE;
 use crate::history::{Direction, History};
 use crate::identity::Identity;
 use crate::locks::{LockManager, Mode};
+use crate::model::BLOCK_SIZE;
 use crate::model::{EntryInfo, Kind};
 use crate::net::rpc::{BoxFuture, Conn, Handler, Responder};
 use crate::net::{self, ConfigPeers};
