@@ -73,12 +73,38 @@ pub fn choose_peer(dir: &BoxDir, wanted: Option<&str>) -> anyhow::Result<(Device
     }
 }
 
+/// The connection was closed during or right after the TLS handshake (an unpaired box, or a
+/// server shedding pending handshakes), as opposed to refused, unreachable or timed out.
+fn is_handshake_drop(e: &anyhow::Error) -> bool {
+    let m = format!("{e:#}");
+    m.contains("closed the connection during the handshake") || m.contains("TLS handshake with")
+}
+
 impl Session {
     /// Connect to a peer of `dir`.
     pub async fn remote(dir: &BoxDir, peer: Option<&str>) -> anyhow::Result<Session> {
         let (id, addr) = choose_peer(dir, peer)?;
         let ident = dir.identity()?;
-        let (conn, task) = crate::net::connect(&ident, &addr, id, Arc::new(RefuseAll)).await?;
+        // A server with 32 handshakes pending drops the oldest (src/server.rs), which looks
+        // exactly like a refusal: when many clients dial at once, try again a few times (with
+        // jitter, so they do not return together) before reporting it.
+        let mut attempt = 0u32;
+        let (conn, task) = loop {
+            match crate::net::connect(&ident, &addr, id, Arc::new(RefuseAll)).await {
+                Ok(c) => break c,
+                Err(e) if attempt < 3 && is_handshake_drop(&e) => {
+                    attempt += 1;
+                    let jitter = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| u64::from(d.subsec_nanos()) % 150)
+                        .unwrap_or(0);
+                    tracing::debug!("{e:#}; trying again ({attempt})");
+                    tokio::time::sleep(std::time::Duration::from_millis((100 << attempt) + jitter))
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(Session {
             conn,
             peer_label: id.short_str(),

@@ -14,6 +14,7 @@ use crate::hashing::{self, FileHashes, StatKey};
 use crate::history::{Direction, History};
 use crate::identity::Identity;
 use crate::locks::{LockManager, Mode};
+use crate::model::BLOCK_SIZE;
 use crate::model::{EntryInfo, Kind};
 use crate::net::rpc::{BoxFuture, Conn, Handler, Responder};
 use crate::net::{self, ConfigPeers};
@@ -156,6 +157,23 @@ async fn send_entries(mut out: Responder, entries: Vec<EntryInfo>) -> String {
     format!("ok, {n} {}", if n == 1 { "entry" } else { "entries" })
 }
 
+/// `send_entries`, then, after a listing of a large tree, hand the allocator's free memory back
+/// to the system: a query's scan and listing take tens of MB (100,000 files) on whichever
+/// blocking thread ran it, and glibc keeps that per-thread arena's free pages, so without this
+/// an idle daemon's RSS grows with every thread that ever answered a big query.
+async fn send_large_entries(out: Responder, entries: Vec<EntryInfo>) -> String {
+    let large = entries.len() >= 10_000;
+    let r = send_entries(out, entries).await;
+    if large {
+        // SAFETY: malloc_trim only returns free memory to the OS; no pointer is involved.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+    r
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, QueryError> {
@@ -194,14 +212,14 @@ async fn serve_one(ctx: &Arc<ServerCtx>, conn: &Conn, req: Request, out: Respond
         Request::List { filter } => {
             let local = ctx.local.clone();
             match blocking(move || local.list(&filter)).await.and_then(|r| r) {
-                Ok(entries) => send_entries(out, entries).await,
+                Ok(entries) => send_large_entries(out, entries).await,
                 Err(e) => fail(out, e).await,
             }
         }
         Request::Hash { filter } => {
             let local = ctx.local.clone();
             match blocking(move || local.hash(&filter)).await.and_then(|r| r) {
-                Ok(entries) => send_entries(out, entries).await,
+                Ok(entries) => send_large_entries(out, entries).await,
                 Err(e) => fail(out, e).await,
             }
         }
@@ -279,6 +297,8 @@ pub struct Opened {
     pub entry: EntryInfo,
     /// MD5 and SHA-256 from the index, when taken at exactly this stat key.
     pub cached: Option<([u8; 16], [u8; 32])>,
+    /// The recorded block hashes that go with `cached` (empty when not cached).
+    pub blocks: Vec<[u8; 32]>,
     pub _guard: crate::locks::Guard,
 }
 
@@ -321,14 +341,19 @@ pub fn open_for_send(ctx: &ServerCtx, path: &RelPath) -> Result<Opened, QueryErr
         ));
     }
     let key = StatKey::of(&md);
-    let cached = ctx
+    // Cached hashes are only trusted with a full block list: a download that skips hashing
+    // still checks every block against it, so bytes rotten on disk are never served as the
+    // recorded version.
+    let (cached, blocks) = ctx
         .local
         .index
         .lock()
         .ok()
         .and_then(|ix| ix.get(path).ok().flatten())
         .filter(|s| s.stat == Some(key) && s.record.is_hashed() && !s.record.deleted)
-        .and_then(|s| Some((s.record.md5?, s.record.sha256?)));
+        .filter(|s| s.record.blocks.len() as u64 == key.size.div_ceil(BLOCK_SIZE))
+        .and_then(|s| Some(((s.record.md5?, s.record.sha256?), s.record.blocks)))
+        .map_or((None, Vec::new()), |(c, b)| (Some(c), b));
     use std::os::unix::fs::PermissionsExt;
     let entry = EntryInfo {
         path: path.clone(),
@@ -346,6 +371,7 @@ pub fn open_for_send(ctx: &ServerCtx, path: &RelPath) -> Result<Opened, QueryErr
         key,
         entry,
         cached,
+        blocks,
         _guard: guard,
     })
 }
@@ -370,19 +396,22 @@ fn read_for_download(
     } else {
         None
     };
-    if pipeline.is_none() && offset > 0 {
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
-    }
+    // With cached hashes, reading starts at the block holding `offset` so every byte sent is
+    // inside a block checked against the index.
     let mut pos: u64 = 0;
     if pipeline.is_none() {
-        pos = offset;
+        pos = offset - offset % BLOCK_SIZE;
+        f.seek(SeekFrom::Start(pos))
+            .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
     }
     loop {
         let chunk = hashing::read_chunk(&mut f, DATA_CHUNK)
             .map_err(|e| QueryError::new(ErrorCode::Io, e.to_string()))?;
         if chunk.is_empty() {
             break;
+        }
+        if pipeline.is_none() {
+            check_blocks(path, &opened.blocks, pos, &chunk)?;
         }
         let end = pos + chunk.len() as u64;
         let arc = Arc::new(chunk);
@@ -428,6 +457,34 @@ fn read_for_download(
     };
     tx.blocking_send(Chunk::Trailer(hashes))
         .map_err(|_| closed())?;
+    Ok(())
+}
+
+/// Check `chunk` (read at `pos`, a block boundary) against the recorded block hashes. A mismatch
+/// at an unchanged stat key is damage on disk: logged, and the download fails rather than
+/// serving bytes that are not the recorded version.
+fn check_blocks(
+    path: &RelPath,
+    blocks: &[[u8; 32]],
+    pos: u64,
+    chunk: &[u8],
+) -> Result<(), QueryError> {
+    use sha2::Digest;
+    for (k, piece) in chunk.chunks(BLOCK_SIZE as usize).enumerate() {
+        let i = (pos / BLOCK_SIZE) as usize + k;
+        let ok = blocks
+            .get(i)
+            .is_some_and(|want| <[u8; 32]>::from(sha2::Sha256::digest(piece)) == *want);
+        if !ok {
+            tracing::error!(
+                "{path}: block {i} on disk does not match its recorded hash (corrupted?); not served"
+            );
+            return Err(QueryError::new(
+                ErrorCode::Io,
+                format!("{path}: block {i} on disk does not match its recorded hash (corrupted?)"),
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -18,6 +18,11 @@ pub struct TestBox {
     pub port: u16,
     pub child: Option<Child>,
     pub name: String,
+    /// Address the daemon listens on and peers dial (loopback unless the test moves the box
+    /// into a network namespace).
+    pub host: String,
+    /// Network namespace the daemon runs in (`ip netns exec`), if any.
+    pub ns: Option<String>,
 }
 
 /// A port for a daemon that starts later. Chosen below Linux's ephemeral range (32768+), so an
@@ -64,6 +69,8 @@ impl TestBox {
             port: free_port(),
             child: None,
             name: name.to_string(),
+            host: "127.0.0.1".to_string(),
+            ns: None,
         }
     }
 
@@ -82,11 +89,19 @@ impl TestBox {
             .append(true)
             .open(self.root.join(".mybox").join("stderr.log"))
             .expect("stderr log");
-        let mut child = Command::new(BIN)
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .arg("--box")
             .arg(&self.root)
             .args(["daemon", "--listen"])
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .args(["--rescan-interval", "3"])
             .env("MYBOX_LOG", "info,mybox=debug")
             .stdout(Stdio::piped())
@@ -102,7 +117,7 @@ impl TestBox {
         });
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         assert!(
-            line.contains(" serving ") && line.contains(" on 127.0.0.1:"),
+            line.contains(" serving ") && line.contains(&format!(" on {}:", self.host)),
             "daemon {} did not start: {line:?}\n{}",
             self.name,
             self.stderr()
@@ -175,12 +190,12 @@ impl Drop for TestBox {
 pub fn pair(a: &TestBox, b: &TestBox) {
     let out = mybox(
         &a.root,
-        &["peer", "add", &b.id, &format!("127.0.0.1:{}", b.port)],
+        &["peer", "add", &b.id, &format!("{}:{}", b.host, b.port)],
     );
     assert!(out.status.success(), "{out:?}");
     let out = mybox(
         &b.root,
-        &["peer", "add", &a.id, &format!("127.0.0.1:{}", a.port)],
+        &["peer", "add", &a.id, &format!("{}:{}", a.host, a.port)],
     );
     assert!(out.status.success(), "{out:?}");
 }
