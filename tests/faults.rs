@@ -685,11 +685,10 @@ fn corrupted_block_is_never_served() {
     b.kill9();
 }
 
-/// Bug (src/sync): the box whose block is corrupted answers the peer's GetBlocks with
-/// `Changed` ("changed since it was announced") and says nothing itself: no warning in its log,
-/// nothing in its `mybox status`, and the peer retries forever. Run with `--ignored`.
+/// The box whose block is corrupted refuses the peer's GetBlocks and says so itself: an error
+/// in its log and in its `mybox status` (it once answered "changed since it was announced" and
+/// stayed silent while the peer retried forever).
 #[test]
-#[ignore = "bug in src/sync: the serving box does not report a corrupted block in its status"]
 fn corrupted_block_is_reported_in_status() {
     if !is_root() {
         eprintln!("skipping: loop-mounting an ext4 image needs root");

@@ -875,7 +875,10 @@ impl Engine {
         }
         let root = self.ctx.local.dir.root.clone();
         let locks = self.ctx.locks.clone();
+        let local = self.ctx.local.clone();
         let p = path.clone();
+        let corrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let corrupt2 = corrupt.clone();
         let res = blocking(move || -> Result<Vec<Vec<u8>>, (ErrorCode, String)> {
             crate::paths::resolve_no_follow(&root, &p)
                 .map_err(|e| (ErrorCode::BadPath, e.to_string()))?;
@@ -893,10 +896,29 @@ impl Engine {
                 match apply::read_block(&f, first + k as u64, md.len(), h) {
                     Ok(Some(b)) => out.push(b),
                     Ok(None) => {
+                        // Same stat key as when it was hashed, different bytes: the disk
+                        // changed under the file system's back. Never served, and said loudly.
+                        let recorded = local
+                            .index
+                            .lock()
+                            .ok()
+                            .and_then(|ix| ix.get(&p).ok().flatten())
+                            .and_then(|s| s.stat);
+                        if recorded == Some(crate::hashing::StatKey::of(&md)) {
+                            corrupt2.store(true, Ordering::Relaxed);
+                            return Err((
+                                ErrorCode::Changed,
+                                format!(
+                                    "{p}: block {} on disk does not match its recorded hash \
+                                     (silent corruption?); not served",
+                                    first + k as u64
+                                ),
+                            ));
+                        }
                         return Err((
                             ErrorCode::Changed,
                             format!("{p}: changed since it was announced"),
-                        ))
+                        ));
                     }
                     Err(e) => return Err((ErrorCode::Changed, format!("{p}: {e}"))),
                 }
@@ -916,6 +938,10 @@ impl Engine {
                 format!("ok, {n} blocks")
             }
             Ok(Err((code, msg))) => {
+                if corrupt.load(Ordering::Relaxed) {
+                    tracing::error!("{msg}");
+                    self.set_error(msg.clone());
+                }
                 let _ = out.error(code, msg.clone()).await;
                 msg
             }
