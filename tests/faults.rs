@@ -672,6 +672,26 @@ fn corrupted_block_is_never_served() {
         "download of a corrupted file succeeded: {out:?}"
     );
     assert!(!out_path.exists(), "corrupted download left a file");
+    // download udp: the sender checks every block while the data goes out and never confirms.
+    let out = mybox(
+        &a.root,
+        &[
+            "download",
+            "udp",
+            "precious.bin",
+            "-o",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "udp download of a corrupted file succeeded: {out:?}"
+    );
+    assert!(!out_path.exists(), "corrupted udp download left a file");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match its recorded hash"),
+        "udp download failed for another reason: {out:?}"
+    );
     // The serving box says so in its log.
     let log = fs::read_to_string(b.log_path()).unwrap_or_default();
     assert!(

@@ -168,6 +168,31 @@ impl Read for RangeReader {
     }
 }
 
+/// Check a whole file against its recorded block hashes (see `serve_start`).
+fn check_cached_blocks(
+    f: &std::fs::File,
+    path: &RelPath,
+    blocks: &[[u8; 32]],
+    total: u64,
+) -> std::io::Result<()> {
+    use crate::model::BLOCK_SIZE;
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for (i, want) in blocks.iter().enumerate() {
+        let pos = i as u64 * BLOCK_SIZE;
+        let len = BLOCK_SIZE.min(total.saturating_sub(pos)) as usize;
+        f.read_exact_at(&mut buf[..len], pos)?;
+        if <[u8; 32]>::from(Sha256::digest(&buf[..len])) != *want {
+            let msg = format!(
+                "{path}: block {i} on disk does not match its recorded hash (silent corruption?); \
+                 transfer not confirmed"
+            );
+            tracing::error!("{msg}");
+            return Err(std::io::Error::other(msg));
+        }
+    }
+    Ok(())
+}
+
 fn chunk_bounds() -> (usize, usize) {
     (
         packet::MIN_DATAGRAM - DATA_OVERHEAD,
@@ -275,9 +300,15 @@ async fn serve_start(
     let hasher = {
         let f = opened.file.clone();
         let cached = if whole { opened.cached } else { None };
+        let blocks = opened.blocks.clone();
         let offset = req.offset;
+        let path = req.path.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<([u8; 16], [u8; 32], u64)> {
             if let Some((m, s)) = cached {
+                // The cached hashes vouch for the bytes only if the disk still holds them: every
+                // block is checked while the data goes out, and the transfer is never confirmed
+                // (no `Finished`) if one has rotten under an unchanged stat key.
+                check_cached_blocks(&f, &path, &blocks, total)?;
                 return Ok((m, s, total));
             }
             let h = hashing::hash_reader(
