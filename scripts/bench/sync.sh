@@ -340,6 +340,20 @@ def initial_syncthing(src):
 
 # ---------------------------------------------------------------- latency and delta
 
+def wait_content(target, data, t0, timeout, pause, what):
+    """Until `target` holds exactly `data` (polled every `pause` s; gives up `timeout` s after t0)."""
+    while True:
+        try:
+            with open(target, "rb") as f:
+                if f.read() == data:
+                    return
+        except OSError:
+            pass
+        time.sleep(pause)
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"{what} timed out")
+
+
 def propagation_mybox(n=20):
     w = fresh("mybox-latency")
     a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
@@ -353,17 +367,7 @@ def propagation_mybox(n=20):
         t0 = time.time()
         with open(os.path.join(a.root, name), "wb") as f:
             f.write(data)
-        target = os.path.join(b.root, name)
-        while True:
-            try:
-                with open(target, "rb") as f:
-                    if f.read() == data:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.001)
-            if time.time() - t0 > 30:
-                raise SystemExit("propagation timed out")
+        wait_content(os.path.join(b.root, name), data, t0, 30, 0.001, "propagation")
         times.append(time.time() - t0)
         time.sleep(0.1)
     a.stop(); b.stop()
@@ -386,17 +390,8 @@ def propagation_syncthing(n=20):
             t0 = time.time()
             with open(os.path.join(st.nodes["A"]["folder"], f"lat-{i}.bin"), "wb") as f:
                 f.write(data)
-            target = os.path.join(st.nodes["B"]["folder"], f"lat-{i}.bin")
-            while True:
-                try:
-                    with open(target, "rb") as f:
-                        if f.read() == data:
-                            break
-                except OSError:
-                    pass
-                time.sleep(0.002)
-                if time.time() - t0 > 60:
-                    raise SystemExit("syncthing propagation timed out")
+            wait_content(os.path.join(st.nodes["B"]["folder"], f"lat-{i}.bin"), data, t0, 60, 0.002,
+                         "syncthing propagation")
             times.append(time.time() - t0)
         return pct(times)
     finally:
