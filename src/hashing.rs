@@ -274,6 +274,32 @@ pub fn hash_file_stable(
     root: &Path,
     rel: &crate::paths::RelPath,
 ) -> Result<(FileHashes, StatKey), HashError> {
+    stable(root, rel, |f, n| {
+        hash_reader(f, n).map(|h| {
+            let size = h.size;
+            (h, size)
+        })
+    })
+}
+
+/// [`hash_file_stable`] for sync: see [`hash_reader_for_sync`].
+pub fn hash_file_stable_for_sync(
+    root: &Path,
+    rel: &crate::paths::RelPath,
+) -> Result<(ContentHashes, StatKey), HashError> {
+    stable(root, rel, |f, n| {
+        hash_reader_for_sync(f, n).map(|h| {
+            let size = h.size;
+            (h, size)
+        })
+    })
+}
+
+fn stable<T>(
+    root: &Path,
+    rel: &crate::paths::RelPath,
+    hash: impl Fn(&File, u64) -> io::Result<(T, u64)>,
+) -> Result<(T, StatKey), HashError> {
     for _ in 0..5 {
         let f = crate::paths::open_beneath(root, rel)?;
         let before = f.metadata()?;
@@ -281,14 +307,146 @@ pub fn hash_file_stable(
             return Err(HashError::NotFile);
         }
         let key = StatKey::of(&before);
-        let hashes = hash_reader(&f, key.size)?;
+        let (hashes, size) = hash(&f, key.size)?;
         let after = StatKey::of(&f.metadata()?);
-        if after == key && hashes.size == key.size {
+        if after == key && size == key.size {
             return Ok((hashes, key));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Err(HashError::Unstable)
+}
+
+/// What sync needs of a file: SHA-256 of the whole and of every block. MD5 is what the query
+/// commands report, and at 1.6 s/GiB it is the slowest digest here, so a large file changed on
+/// disk is announced without it and [`md5_of`] fills it in afterwards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentHashes {
+    pub md5: Option<[u8; 16]>,
+    pub sha256: [u8; 32],
+    pub blocks: Vec<[u8; 32]>,
+    pub size: u64,
+}
+
+impl From<FileHashes> for ContentHashes {
+    fn from(h: FileHashes) -> Self {
+        ContentHashes {
+            md5: Some(h.md5),
+            sha256: h.sha256,
+            blocks: h.blocks,
+            size: h.size,
+        }
+    }
+}
+
+/// Per-block SHA-256 of bytes fed in order.
+#[derive(Default)]
+struct BlockHasher {
+    cur: Sha256,
+    fill: u64,
+    blocks: Vec<[u8; 32]>,
+}
+
+impl BlockHasher {
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = ((BLOCK_SIZE - self.fill) as usize).min(data.len());
+            self.cur.update(&data[..take]);
+            self.fill += take as u64;
+            data = &data[take..];
+            if self.fill == BLOCK_SIZE {
+                self.blocks
+                    .push(std::mem::take(&mut self.cur).finalize().into());
+                self.fill = 0;
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<[u8; 32]> {
+        if self.fill > 0 {
+            self.blocks.push(self.cur.finalize().into());
+        }
+        self.blocks
+    }
+}
+
+/// Hash what `r` yields for sync: below [`PARALLEL_THRESHOLD`] everything in one pass (MD5
+/// included, it is cheap there); above it, no MD5, and the whole-file and per-block SHA-256
+/// run on two threads, so a 1 GiB file takes one SHA-256 pass of wall time instead of the
+/// MD5's 1.6 s.
+pub fn hash_reader_for_sync(mut r: impl Read, size_hint: u64) -> io::Result<ContentHashes> {
+    if size_hint < PARALLEL_THRESHOLD {
+        return hash_reader(r, size_hint).map(ContentHashes::from);
+    }
+    let (whole_tx, whole_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+    let (blocks_tx, blocks_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+    let whole = std::thread::spawn(move || {
+        let mut h = Sha256::new();
+        let mut size = 0u64;
+        for chunk in whole_rx {
+            h.update(&chunk[..]);
+            size += chunk.len() as u64;
+        }
+        (<[u8; 32]>::from(h.finalize()), size)
+    });
+    let blocks = std::thread::spawn(move || {
+        let mut h = BlockHasher::default();
+        for chunk in blocks_rx {
+            h.update(&chunk);
+        }
+        h.finish()
+    });
+    let dead = || io::Error::other("hash thread ended early");
+    let fed = (|| -> io::Result<()> {
+        loop {
+            let chunk = Arc::new(read_chunk(&mut r, CHUNK)?);
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            whole_tx.send(chunk.clone()).map_err(|_| dead())?;
+            blocks_tx.send(chunk).map_err(|_| dead())?;
+        }
+    })();
+    drop(whole_tx);
+    drop(blocks_tx);
+    let joined_whole = whole.join();
+    let joined_blocks = blocks.join();
+    fed?;
+    let (sha256, size) = joined_whole.map_err(|_| io::Error::other("sha thread panicked"))?;
+    let blocks = joined_blocks.map_err(|_| io::Error::other("block thread panicked"))?;
+    Ok(ContentHashes {
+        md5: None,
+        sha256,
+        blocks,
+        size,
+    })
+}
+
+/// MD5 of a file as it is now, with the stat key it had throughout (None when it changed while
+/// being read: whoever changed it triggers a rescan).
+pub fn md5_of(
+    root: &Path,
+    rel: &crate::paths::RelPath,
+) -> Result<Option<([u8; 16], StatKey)>, HashError> {
+    let mut f = crate::paths::open_beneath(root, rel)?;
+    let before = f.metadata()?;
+    if !before.is_file() {
+        return Err(HashError::NotFile);
+    }
+    let key = StatKey::of(&before);
+    let mut m = Md5::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        m.update(&buf[..n]);
+    }
+    let after = StatKey::of(&f.metadata()?);
+    Ok((after == key).then(|| (m.finalize().into(), key)))
 }
 
 #[cfg(test)]
@@ -327,6 +485,37 @@ mod tests {
             }
             assert_eq!(s.finish(), reference(&data));
         }
+    }
+
+    #[test]
+    fn sync_hashes_match_reference_without_md5_when_large() {
+        for len in [
+            0usize,
+            4096,
+            4 * 1024 * 1024,
+            4 * 1024 * 1024 + 1,
+            9 * 1024 * 1024 + 5,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 17 % 253) as u8).collect();
+            let want = reference(&data);
+            let got = hash_reader_for_sync(&data[..], len as u64).unwrap();
+            assert_eq!(got.sha256, want.sha256, "len {len}");
+            assert_eq!(got.blocks, want.blocks, "len {len}");
+            assert_eq!(got.size, want.size);
+            let large = len as u64 >= PARALLEL_THRESHOLD;
+            assert_eq!(got.md5, (!large).then_some(want.md5), "len {len}");
+        }
+    }
+
+    #[test]
+    fn md5_of_a_file_matches_and_reports_its_stat() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let rel = crate::paths::RelPath::parse("f").unwrap();
+        let (md5, key) = md5_of(dir.path(), &rel).unwrap().unwrap();
+        assert_eq!(md5, <[u8; 16]>::from(Md5::digest(&data)));
+        assert_eq!(key.size, data.len() as u64);
     }
 
     #[test]

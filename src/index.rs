@@ -300,6 +300,56 @@ impl Index {
         Ok(())
     }
 
+    /// Live files that have their SHA-256 but not yet their MD5 (large files announced before
+    /// their MD5 was computed), with the stat key their hashes belong to; at most `limit`.
+    pub fn missing_md5(&self, limit: usize) -> anyhow::Result<Vec<(RelPath, StatKey)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, st_size, st_mtime_ns, st_ctime_ns, st_inode FROM files
+             WHERE deleted = 0 AND kind = 0 AND sha256 IS NOT NULL AND md5 IS NULL
+               AND st_size IS NOT NULL LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                StatKey {
+                    size: row.get::<_, i64>(1)? as u64,
+                    mtime_ns: row.get(2)?,
+                    ctime_ns: row.get(3)?,
+                    inode: row.get::<_, i64>(4)? as u64,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (p, key) = r?;
+            if let Ok(p) = RelPath::parse(&p) {
+                out.push((p, key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record `md5` for `path` if its hashes still belong to `stat` (not a version: peers need
+    /// nothing new). Returns whether it was recorded.
+    pub fn set_md5_if(&self, path: &RelPath, stat: StatKey, md5: [u8; 16]) -> anyhow::Result<bool> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE files SET md5 = ?2 WHERE path = ?1 AND deleted = 0 AND md5 IS NULL
+                 AND sha256 IS NOT NULL AND st_size = ?3 AND st_mtime_ns = ?4
+                 AND st_ctime_ns = ?5 AND st_inode = ?6",
+            )?
+            .execute(params![
+                path.as_str(),
+                md5.to_vec(),
+                stat.size as i64,
+                stat.mtime_ns,
+                stat.ctime_ns,
+                stat.inode as i64
+            ])?;
+        Ok(n == 1)
+    }
+
     /// Stat keys of all live files: what a scan compares the disk against without loading blocks.
     pub fn scan_view(&self) -> anyhow::Result<HashMap<RelPath, ScanRow>> {
         self.scan_view_under(&RelPath::root())
@@ -310,7 +360,7 @@ impl Index {
     /// `0`, so `[under/, under0)` holds exactly the descendants).
     pub fn scan_view_under(&self, under: &RelPath) -> anyhow::Result<HashMap<RelPath, ScanRow>> {
         const COLS: &str = "SELECT path, kind, size, mtime_ns, mode, target, deleted,
-                    md5 IS NOT NULL AND sha256 IS NOT NULL,
+                    sha256 IS NOT NULL, md5 IS NOT NULL,
                     st_size, st_mtime_ns, st_ctime_ns, st_inode FROM files";
         let (sql, lo, hi) = if under.is_root() {
             (COLS.to_string(), String::new(), String::new())
@@ -331,13 +381,13 @@ impl Index {
         };
         let rows = stmt.query_map(bind.as_slice(), |row| {
             let path: String = row.get(0)?;
-            let st_size: Option<i64> = row.get(8)?;
+            let st_size: Option<i64> = row.get(9)?;
             let stat = match st_size {
                 Some(s) => Some(StatKey {
                     size: s as u64,
-                    mtime_ns: row.get(9)?,
-                    ctime_ns: row.get(10)?,
-                    inode: row.get::<_, i64>(11)? as u64,
+                    mtime_ns: row.get(10)?,
+                    ctime_ns: row.get(11)?,
+                    inode: row.get::<_, i64>(12)? as u64,
                 }),
                 None => None,
             };
@@ -351,6 +401,7 @@ impl Index {
                     target: row.get(5)?,
                     deleted: row.get::<_, i64>(6)? != 0,
                     hashed: row.get(7)?,
+                    has_md5: row.get(8)?,
                     stat,
                 },
             ))
@@ -430,7 +481,10 @@ pub struct ScanRow {
     pub mode: u32,
     pub target: Option<String>,
     pub deleted: bool,
+    /// SHA-256 and blocks known (enough to sync).
     pub hashed: bool,
+    /// MD5 known too (what the hash commands report).
+    pub has_md5: bool,
     pub stat: Option<StatKey>,
 }
 

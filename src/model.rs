@@ -147,8 +147,10 @@ pub struct Record {
 }
 
 impl Record {
+    /// Hashed enough to sync: the file's SHA-256 (and its blocks). MD5, which only the query
+    /// commands report, may follow later for large files.
     pub fn is_hashed(&self) -> bool {
-        self.kind != Kind::File || (self.md5.is_some() && self.sha256.is_some())
+        self.kind != Kind::File || self.sha256.is_some()
     }
 
     /// Same content and metadata (what a conflict check calls "identical").

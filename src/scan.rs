@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::Context;
 
 use crate::config::BoxDir;
-use crate::hashing::{hash_file_stable, FileHashes, HashError, StatKey};
+use crate::hashing::{
+    hash_file_stable, hash_file_stable_for_sync, ContentHashes, HashError, StatKey,
+};
 use crate::index::{Index, SeqAlloc};
 use crate::model::{Kind, Record};
 use crate::paths::{RelPath, META_DIR};
@@ -190,7 +192,11 @@ pub fn walk(root: &Path, under: &RelPath, ignore: &IgnoreRules) -> Vec<DiskEntry
 /// Which files a scan should hash now (others may be left with hashes pending).
 pub enum HashWanted<'a> {
     None,
+    /// Every file, with every digest.
     All,
+    /// Every file, with what sync needs: large files without their MD5 (filled in later by
+    /// whoever calls [`Index::missing_md5`]), so a change reaches peers sooner.
+    Sync,
     Only(&'a dyn Fn(&RelPath) -> bool),
 }
 
@@ -198,7 +204,7 @@ impl HashWanted<'_> {
     fn wants(&self, p: &RelPath) -> bool {
         match self {
             HashWanted::None => false,
-            HashWanted::All => true,
+            HashWanted::All | HashWanted::Sync => true,
             HashWanted::Only(f) => f(p),
         }
     }
@@ -225,6 +231,7 @@ pub fn scan(
     let ignore = IgnoreRules::load(b);
     let disk = walk(&b.root, under, &ignore);
     let known = index.scan_view_under(under)?;
+    let md5_now = !matches!(hash, HashWanted::Sync);
     let mut summary = ScanSummary::default();
 
     // Decide per path; hashing happens after, in parallel.
@@ -272,7 +279,7 @@ pub fn scan(
                         if want {
                             todo.push(Todo::Suspect(e))
                         }
-                    } else if !row.hashed && want {
+                    } else if want && (!row.hashed || (md5_now && !row.has_md5)) {
                         todo.push(Todo::FillHash(e))
                     }
                 }
@@ -299,7 +306,7 @@ pub fn scan(
                  seq: &mut SeqAlloc,
                  summary: &mut ScanSummary,
                  t: &Todo,
-                 hashed: Option<&(FileHashes, StatKey)>|
+                 hashed: Option<&(ContentHashes, StatKey)>|
      -> anyhow::Result<()> {
         let (entry, is_suspect) = match t {
             Todo::Changed { entry, .. } => (entry, false),
@@ -323,7 +330,7 @@ pub fn scan(
         };
         let mut stat = Some(entry.stat);
         if let Some((h, key)) = hashed {
-            rec.md5 = Some(h.md5);
+            rec.md5 = h.md5;
             rec.sha256 = Some(h.sha256);
             rec.blocks = h.blocks.clone();
             rec.size = h.size;
@@ -344,16 +351,20 @@ pub fn scan(
         if !(fill_only && content_same) {
             rec.sequence = seq.take();
             summary.changed.push(entry.path.clone());
-        } else if matches!(t, Todo::FillHash(_)) && hashed.is_some() {
+        } else if matches!(t, Todo::FillHash(_))
+            && hashed.is_some()
+            && old.as_ref().is_some_and(|o| o.record.sha256.is_none())
+        {
             // Hashes that arrive after the record was announced are news to peers (they cannot
-            // pull a file without its blocks): a new sequence number, same version.
+            // pull a file without its blocks): a new sequence number, same version. A late MD5
+            // is not: peers never use ours.
             rec.sequence = seq.take();
         }
         ix.put(&rec, stat)
     };
 
     std::thread::scope(|scope| {
-        let results = spawn_hashers(scope, &b.root, &to_hash);
+        let results = spawn_hashers(scope, &b.root, &to_hash, md5_now);
         index.transaction(|ix| {
             let mut seq = ix.seq_alloc()?;
             for t in &plain {
@@ -407,6 +418,7 @@ fn spawn_hashers<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     root: &'env Path,
     entries: &'env [&'env DiskEntry],
+    md5_now: bool,
 ) -> std::sync::mpsc::Receiver<(usize, HashResult)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let workers = std::thread::available_parallelism()
@@ -420,7 +432,12 @@ fn spawn_hashers<'scope, 'env>(
         scope.spawn(move || loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(e) = entries.get(i) else { return };
-            let r = hash_file_stable(root, &e.path).map_err(|err| match err {
+            let r = if md5_now {
+                hash_file_stable(root, &e.path).map(|(h, k)| (h.into(), k))
+            } else {
+                hash_file_stable_for_sync(root, &e.path)
+            };
+            let r = r.map_err(|err| match err {
                 HashError::Io(io) => io.to_string(),
                 other => other.to_string(),
             });
@@ -453,13 +470,13 @@ fn new_record(e: &DiskEntry, old: Option<&Record>, device: u64) -> Record {
 }
 
 /// Outcome of hashing one file.
-pub type HashResult = Result<(FileHashes, StatKey), String>;
+pub type HashResult = Result<(ContentHashes, StatKey), String>;
 
 /// Hash files on every core; results in input order.
 pub fn hash_many(root: &Path, entries: &[&DiskEntry]) -> Vec<(RelPath, HashResult)> {
     let mut out: Vec<Option<HashResult>> = (0..entries.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
-        for (i, r) in spawn_hashers(scope, root, entries) {
+        for (i, r) in spawn_hashers(scope, root, entries, true) {
             out[i] = Some(r);
         }
     });

@@ -210,3 +210,50 @@ fn transport_udp_carries_the_bulk_data() {
     assert_eq!(a_stats["bytes_fetched_udp"].as_u64(), Some(0));
     assert!(a_stats["bytes_fetched"].as_u64().unwrap() >= 6_000_000);
 }
+
+/// A large file changed on disk is announced before its MD5 is known (MD5 is the slowest digest
+/// and sync does not need it); both boxes fill it in shortly after, and `hash verify` reports the
+/// right MD5 all along.
+#[test]
+fn large_file_md5_follows_the_sync() {
+    use md5::{Digest, Md5};
+    let (a, b) = two_boxes();
+    let data: Vec<u8> = (0..9_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = hex(&Md5::digest(&data));
+    a.write("big.bin", &data);
+    wait_converged(&[&a, &b], CONVERGE);
+    let md5_in_index = |t: &TestBox| -> Option<String> {
+        let db = rusqlite::Connection::open(t.path(".mybox/index.db")).unwrap();
+        db.query_row(
+            "SELECT md5 FROM files WHERE path = 'big.bin' AND deleted = 0",
+            [],
+            |r| r.get::<_, Option<Vec<u8>>>(0),
+        )
+        .unwrap()
+        .map(|v| hex(&v))
+    };
+    for t in [&a, &b] {
+        wait_for("the MD5 filled in", Duration::from_secs(30), || {
+            md5_in_index(t).is_some()
+        });
+        assert_eq!(md5_in_index(t).unwrap(), want);
+        let out = mybox(&t.root, &["hash", "verify", "big.bin", "--local", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = v.to_string();
+        assert!(
+            got.contains(&want),
+            "hash verify said {got}, want md5 {want}"
+        );
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

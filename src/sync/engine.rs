@@ -23,6 +23,8 @@ use crate::sync::store::SyncDb;
 
 /// Events are collected this long after the first one before a scan runs.
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long the MD5 filler waits after the last change before reading files again.
+const MD5_DELAY: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -84,6 +86,8 @@ pub struct Engine {
     dirty: Mutex<BTreeSet<RelPath>>,
     retry: Mutex<BTreeMap<RelPath, Instant>>,
     pull_wake: Notify,
+    /// Wakes the MD5 filler (see [`HashWanted::Sync`]).
+    md5_wake: Notify,
     scan_tx: mpsc::UnboundedSender<RelPath>,
     seq_tx: watch::Sender<u64>,
     pub stats: Stats,
@@ -114,6 +118,44 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| anyhow::anyhow!("worker failed: {e}"))
+}
+
+/// One pass of the MD5 filler: up to 256 files, each read without holding the index and recorded
+/// only if it did not change meanwhile. Returns how many were filled in.
+fn fill_md5s(local: &crate::query::LocalBox) -> anyhow::Result<usize> {
+    let todo = local
+        .index
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock"))?
+        .missing_md5(256)?;
+    let mut filled = 0;
+    for (path, stat) in todo {
+        match crate::hashing::md5_of(&local.dir.root, &path) {
+            Ok(Some((md5, now))) if now == stat => {
+                let ix = local
+                    .index
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock"))?;
+                if ix.set_md5_if(&path, stat, md5)? {
+                    filled += 1;
+                }
+            }
+            // Changed since it was hashed: its rescan hashes it again.
+            Ok(_) => {}
+            Err(e) => tracing::debug!("md5 of {path}: {e}"),
+        }
+    }
+    Ok(filled)
+}
+
+/// Lower the calling thread's CPU priority to nice 19 (best effort; for threads of their own,
+/// since a non-root process cannot raise it back).
+fn lower_thread_priority() {
+    // SAFETY: gettid and setpriority only change this thread's own nice value (on Linux,
+    // PRIO_PROCESS with a thread id addresses that one thread).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+    }
 }
 
 impl Engine {
@@ -149,7 +191,7 @@ impl Engine {
                     .index
                     .lock()
                     .map_err(|_| anyhow::anyhow!("index lock"))?;
-                let s = scan::scan(&local.dir, &mut ix, me, &RelPath::root(), HashWanted::All)?;
+                let s = scan::scan(&local.dir, &mut ix, me, &RelPath::root(), HashWanted::Sync)?;
                 for e in &s.errors {
                     tracing::warn!("scan: {e}");
                 }
@@ -199,6 +241,7 @@ impl Engine {
             dirty: Mutex::new(BTreeSet::new()),
             retry: Mutex::new(BTreeMap::new()),
             pull_wake: Notify::new(),
+            md5_wake: Notify::new(),
             scan_tx: scan_tx.clone(),
             seq_tx,
             stats: Stats::default(),
@@ -226,6 +269,7 @@ impl Engine {
         };
         tokio::spawn(engine.clone().scanner(scan_rx));
         tokio::spawn(engine.clone().puller());
+        tokio::spawn(engine.clone().md5_filler());
         tokio::spawn(engine.clone().supervisor());
         // Whatever the stored remote indexes still need (e.g. after a restart).
         for peer in ctx.peers.current() {
@@ -447,6 +491,48 @@ impl Engine {
         }
     }
 
+    /// Fill in the MD5 of large files that were announced without it (scans hash for sync
+    /// first; files received from a peer that deferred it too), a little after things calm
+    /// down, without holding the index while reading.
+    async fn md5_filler(self: Arc<Self>) {
+        let mut stop = self.shutdown.subscribe();
+        self.md5_wake.notify_one(); // whatever a previous run left unfinished
+        loop {
+            tokio::select! {
+                _ = self.md5_wake.notified() => {}
+                _ = stop.changed() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MD5_DELAY) => {}
+                _ = stop.changed() => return,
+            }
+            let local = self.ctx.local.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // A thread of its own at low priority: syncing and serving go first.
+            let spawned = std::thread::Builder::new()
+                .name("md5-filler".into())
+                .spawn(move || {
+                    lower_thread_priority();
+                    let _ = tx.send(fill_md5s(&local));
+                });
+            let res = match spawned {
+                Ok(_) => rx
+                    .await
+                    .map_err(|_| anyhow::anyhow!("md5 filler thread failed")),
+                Err(e) => Err(anyhow::anyhow!("starting the md5 filler: {e}")),
+            };
+            match res {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::debug!("md5 filled in for {n} files");
+                    // There may be more than one batch.
+                    self.md5_wake.notify_one();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) | Err(e) => tracing::warn!("filling in MD5s: {e:#}"),
+            }
+        }
+    }
+
     async fn run_scan(&self, paths: BTreeSet<RelPath>) {
         let local = self.ctx.local.clone();
         let db = self.db.clone();
@@ -466,7 +552,7 @@ impl Engine {
             let roots = reduce_roots(paths);
             let mut changed = Vec::new();
             for r in &roots {
-                let s = scan::scan(&local.dir, &mut ix, me, r, HashWanted::All)?;
+                let s = scan::scan(&local.dir, &mut ix, me, r, HashWanted::Sync)?;
                 for e in &s.errors {
                     tracing::debug!("scan: {e}");
                 }
@@ -495,6 +581,7 @@ impl Engine {
             Ok(Ok((changed, max))) => {
                 if !changed.is_empty() {
                     tracing::debug!("scan: {} changed", changed.len());
+                    self.md5_wake.notify_one();
                 }
                 self.seq_tx.send_if_modified(|v| {
                     let m = *v != max;
@@ -986,6 +1073,7 @@ impl Engine {
             self.busy.fetch_add(1, Ordering::Relaxed);
             self.pull_batch(paths).await;
             self.busy.fetch_sub(1, Ordering::Relaxed);
+            self.md5_wake.notify_one();
             let local = self.ctx.local.clone();
             if let Ok(Some(max)) = blocking(move || {
                 local
