@@ -251,9 +251,13 @@ fn mount_on_demand_placeholders_fetch_when_read() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(a.read("data/one.bin").is_none(), "pulled in the background");
     assert!(a.read("data/two.bin").is_none(), "pulled in the background");
-    // Reading a placeholder fetches it.
+    // Reading a placeholder fetches it; once complete it is installed in the store.
     assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
-    assert_eq!(a.read("data/one.bin").unwrap(), one);
+    wait_for(
+        "one.bin installed in A's store",
+        Duration::from_secs(10),
+        || a.read("data/one.bin").as_deref() == Some(&one[..]),
+    );
     // With B gone, reading the other one fails with EIO, well within the fetch bound.
     b.stop();
     let t = Instant::now();

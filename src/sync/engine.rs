@@ -21,6 +21,9 @@ use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
 
+mod hydrate;
+pub use hydrate::Hydration;
+
 /// Events are collected this long after the first one before a scan runs.
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -99,6 +102,10 @@ pub struct Engine {
     on_demand: bool,
     /// Paths asked for by [`Engine::fetch_now`] (pulled even in on-demand mode).
     wanted: Mutex<BTreeSet<RelPath>>,
+    /// Placeholders being streamed in for reads (see [`Engine::hydrate`]).
+    hydrations: Mutex<HashMap<RelPath, Arc<Hydration>>>,
+    /// The runtime the engine's tasks run on (hydrations are started from mount threads).
+    rt: tokio::runtime::Handle,
 }
 
 /// Called with every path the applier just changed on disk (installed, deleted, metadata set,
@@ -209,6 +216,8 @@ impl Engine {
             on_applied: Mutex::new(None),
             on_demand,
             wanted: Mutex::new(BTreeSet::new()),
+            hydrations: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
         });
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
@@ -333,45 +342,10 @@ impl Engine {
             .collect()
     }
 
-    /// Pull `record.path` now (even in on-demand mode) and wait until the local index holds
-    /// that content, at most `timeout`. Fails at once when no peer that has it is connected.
-    pub fn fetch_now(&self, record: &Record, timeout: Duration) -> anyhow::Result<()> {
-        let path = record.path.clone();
-        let has_it: Vec<String> = lock(&self.db)
-            .remote_records(&path)?
-            .into_iter()
-            .filter(|(_, r)| r.same_content(record))
-            .map(|(peer, _)| peer)
-            .collect();
-        if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
-            anyhow::bail!("{path}: no connected peer has this version");
-        }
-        lock(&self.wanted).insert(path.clone());
-        lock(&self.retry).remove(&path);
-        self.mark_dirty([path.clone()]);
-        let end = Instant::now() + timeout;
-        let res = loop {
-            let here = self
-                .ctx
-                .local
-                .index
-                .lock()
-                .ok()
-                .and_then(|ix| ix.get(&path).ok().flatten())
-                .map(|s| s.record);
-            if here.is_some_and(|l| l.same_content(record) && !l.deleted) {
-                break Ok(());
-            }
-            if Instant::now() >= end {
-                break Err(anyhow::anyhow!("{path}: not fetched within {timeout:?}"));
-            }
-            if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
-                break Err(anyhow::anyhow!("{path}: the peer disconnected"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        lock(&self.wanted).remove(&path);
-        res
+    /// Fetch placeholder `record` now (even in on-demand mode) and wait until it is installed
+    /// in the store, at most `timeout`. Fails at once when no peer that has it is connected.
+    pub fn fetch_now(self: &Arc<Self>, record: &Record, timeout: Duration) -> anyhow::Result<()> {
+        self.hydrate(record)?.wait_installed(timeout)
     }
 
     /// On-demand mode leaves files that are absent here to [`Engine::fetch_now`].

@@ -46,7 +46,9 @@ use crate::scan::PART_SUFFIX;
 
 use commit::{Committer, Dirty};
 pub use error::{VfsError, VfsResult};
-use hooks::{ChangeSink, ContentSource, Invalidator, NoRemote, NoSink, NoSource, RemoteView};
+use hooks::{
+    ChangeSink, ContentSource, Hydration, Invalidator, NoRemote, NoSink, NoSource, RemoteView,
+};
 use inodes::{InodeTable, MARKER_INO, META_INO, ROOT_INO};
 use name::ValidName;
 
@@ -345,6 +347,9 @@ enum Handle {
         cached: bool,
         /// Opened by `execve` (counted in `exec_opens`).
         exec: bool,
+        /// A placeholder whose content is still arriving in `file`: each read waits for (and
+        /// asks first for) the blocks it covers.
+        fill: Option<Arc<dyn Hydration>>,
     },
     Write {
         ino: u64,
@@ -1143,6 +1148,31 @@ impl Vfs {
         }
     }
 
+    /// A placeholder opened for reading: its content streamed into a temp file that reads are
+    /// served from as blocks arrive. `None` when `rel` is in the store (or is no file
+    /// placeholder, or the source only fetches whole files: `open_store` then does).
+    fn hydrate(&self, rel: &RelPath) -> VfsResult<Option<Arc<dyn Hydration>>> {
+        match std::fs::symlink_metadata(self.full(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Ok(None),
+        }
+        let Some(r) = self
+            .remote
+            .placeholder(rel)
+            .filter(|r| r.kind == Kind::File)
+        else {
+            return Ok(None);
+        };
+        match self.source.hydrate(&r) {
+            None => Ok(None),
+            Some(Ok(h)) => Ok(Some(h)),
+            Some(Err(e)) => {
+                tracing::warn!("fetching {rel} for a read: {e}");
+                Err(VfsError::new(libc::EIO, e.message()))
+            }
+        }
+    }
+
     fn acquire_writer(&self, ino: u64, rel: &RelPath) -> VfsResult<Arc<Mutex<WriteState>>> {
         let mut w = lock(&self.writers);
         if let Some(s) = w.get(&ino) {
@@ -1336,6 +1366,28 @@ impl Vfs {
             });
         }
         if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+            if let Some(fill) = self.hydrate(&rel)? {
+                // Through the page cache (mmap and exec work; the kernel's readahead asks for
+                // the next blocks early); the partial file cannot be a passthrough backing, since
+                // the kernel would read holes before their blocks arrive.
+                *lock(&self.cached_opens).entry(ino).or_default() += 1;
+                let exec = flags & FMODE_EXEC != 0;
+                if exec {
+                    *lock(&self.exec_opens).entry(ino).or_default() += 1;
+                }
+                let fh = self.add_handle(Handle::Read {
+                    ino,
+                    file: fill.file(),
+                    cached: true,
+                    exec,
+                    fill: Some(fill),
+                });
+                return Ok(Opened {
+                    fh,
+                    io: IoMode::Cached,
+                    writer_key: None,
+                });
+            }
             // Passthrough only for large files nobody is writing and nobody has open through the
             // page cache (the kernel refuses to mix the two I/O modes on one inode). Small files
             // use the page cache: mmap works and the cost of going through us is tiny.
@@ -1384,6 +1436,7 @@ impl Vfs {
                 file,
                 cached,
                 exec,
+                fill: None,
             });
             return Ok(Opened {
                 fh,
@@ -1603,6 +1656,17 @@ impl Vfs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
         let h = self.handle(fh)?;
         let file = match h.as_ref() {
+            Handle::Read {
+                file,
+                fill: Some(fill),
+                ..
+            } => {
+                if let Err(e) = fill.wait(offset, u64::from(size), FETCH_WAIT) {
+                    tracing::warn!("read at {offset}: {e}");
+                    return Err(VfsError::new(libc::EIO, e.message()));
+                }
+                file.clone()
+            }
             Handle::Read { file, .. } => file.clone(),
             Handle::Write { state, .. } => {
                 let st = lock(state);
