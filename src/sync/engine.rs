@@ -765,7 +765,12 @@ impl Engine {
                 path,
                 first,
                 hashes,
-            } => self.serve_blocks(path, first, hashes, out).await,
+            } => self.serve_blocks(path, first, hashes, true, out).await,
+            SyncRequest::GetIndexedBlocks {
+                path,
+                first,
+                hashes,
+            } => self.serve_blocks(path, first, hashes, false, out).await,
             SyncRequest::Bye => {
                 let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
                 if self.is_current(conn) {
@@ -833,6 +838,7 @@ impl Engine {
         path: RelPath,
         first: u64,
         hashes: Vec<[u8; 32]>,
+        checked: bool,
         mut out: Responder,
     ) -> String {
         if hashes.is_empty() || hashes.len() > proto::MAX_BLOCKS_PER_REQUEST {
@@ -865,9 +871,31 @@ impl Engine {
             if !md.is_file() {
                 return Err((ErrorCode::NotAFile, format!("{p}: not a regular file")));
             }
+            // Unchanged since it was hashed and asked for exactly the recorded blocks: the
+            // receiver's own check stands in for ours (see `SyncRequest::GetIndexedBlocks`).
+            let trusted = !checked && {
+                let st = local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.get(&p).ok().flatten());
+                st.is_some_and(|s| {
+                    !s.record.deleted
+                        && s.stat == Some(crate::hashing::StatKey::of(&md))
+                        && usize::try_from(first)
+                            .ok()
+                            .and_then(|f| s.record.blocks.get(f..f.checked_add(hashes.len())?))
+                            == Some(&hashes[..])
+                })
+            };
             let mut out = Vec::with_capacity(hashes.len());
             for (k, h) in hashes.iter().enumerate() {
-                match apply::read_block(&f, first + k as u64, md.len(), h) {
+                let block = if trusted {
+                    read_raw_block(&f, first + k as u64, md.len()).map(Some)
+                } else {
+                    apply::read_block(&f, first + k as u64, md.len(), h)
+                };
+                match block {
                     Ok(Some(b)) => out.push(b),
                     Ok(None) => {
                         // Same stat key as when it was hashed, different bytes: the disk
@@ -1361,13 +1389,10 @@ impl Engine {
                     .iter()
                     .map(|i| building.rec.blocks[*i as usize])
                     .collect();
-                let (first, blocks) = fetch_run(conn, rec.path.clone(), run[0], hashes).await?;
-                for (k, d) in blocks.iter().enumerate() {
-                    building.write_block(first + k as u64, d)?;
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
+                let (first, blocks) =
+                    fetch_run(conn.clone(), rec.path.clone(), run[0], hashes).await?;
+                let n = write_run(&conn, &building, first, blocks).await?;
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
                 return Ok(Some(building));
             }
             let mut todo = all_runs.into_iter();
@@ -1386,13 +1411,9 @@ impl Engine {
             while let Some(joined) = inflight.join_next().await {
                 let (first, blocks) =
                     joined.map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))??;
-                for (k, d) in blocks.iter().enumerate() {
-                    building.write_block(first + k as u64, d)?;
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    unflushed += d.len() as u64;
-                }
+                let n = write_run(&conn, &building, first, blocks).await?;
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                unflushed += n;
                 if unflushed >= WRITEBACK_EVERY {
                     building.start_writeback();
                     unflushed = 0;
@@ -1613,19 +1634,89 @@ struct Planned {
 }
 
 /// Ask `conn` for the blocks `first..first + hashes.len()` of `path`; returns them in order.
+/// The sender skips its own hash check when its file is as indexed: the caller verifies every
+/// block (`Building::write_block`) and asks again with [`fetch_run_checked`] on a mismatch.
 async fn fetch_run(
     conn: Conn,
     path: RelPath,
     first: u64,
     hashes: Vec<[u8; 32]>,
 ) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
-    let want = hashes.len();
+    let req = SyncRequest::GetIndexedBlocks {
+        path: path.clone(),
+        first,
+        hashes,
+    };
+    request_blocks(conn, path, first, req).await
+}
+
+/// [`fetch_run`] with the sender hashing every block it reads: a corrupted block is refused
+/// and reported there.
+async fn fetch_run_checked(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    hashes: Vec<[u8; 32]>,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let req = SyncRequest::GetBlocks {
+        path: path.clone(),
+        first,
+        hashes,
+    };
+    request_blocks(conn, path, first, req).await
+}
+
+/// Write blocks `first, first+1, ...` fetched with [`fetch_run`] into `b` (each checked against
+/// its hash); when one does not match, fetch the run again with the sender checking too.
+/// Returns the bytes written.
+async fn write_run(
+    conn: &Conn,
+    b: &Building,
+    first: u64,
+    blocks: Vec<Vec<u8>>,
+) -> Result<u64, ApplyError> {
+    match write_blocks(b, first, &blocks) {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let (path, hashes) = checked_retry(b, first, blocks.len(), &e);
+            let (_, blocks) = fetch_run_checked(conn.clone(), path, first, hashes).await?;
+            write_blocks(b, first, &blocks)
+        }
+    }
+}
+
+/// Write blocks `first, first+1, ...` into `b`, each checked against its hash; the bytes written.
+fn write_blocks(b: &Building, first: u64, blocks: &[Vec<u8>]) -> Result<u64, ApplyError> {
+    let mut n = 0;
+    for (k, d) in blocks.iter().enumerate() {
+        b.write_block(first + k as u64, d)?;
+        n += d.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Log a failed block write and give what a checked retry of the run asks for.
+fn checked_retry(b: &Building, first: u64, len: usize, e: &ApplyError) -> (RelPath, Vec<[u8; 32]>) {
+    tracing::warn!("{e}; asking again with the sender checking every block");
+    let start = (first as usize).min(b.rec.blocks.len());
+    let end = start.saturating_add(len).min(b.rec.blocks.len());
+    (b.rec.path.clone(), b.rec.blocks[start..end].to_vec())
+}
+
+async fn request_blocks(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    req: SyncRequest,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let want = match &req {
+        SyncRequest::GetBlocks { hashes, .. } | SyncRequest::GetIndexedBlocks { hashes, .. } => {
+            hashes.len()
+        }
+        _ => 0,
+    };
     let mut s = conn
-        .request(Request::Sync(SyncRequest::GetBlocks {
-            path: path.clone(),
-            first,
-            hashes,
-        }))
+        .request(Request::Sync(req))
         .await
         .map_err(|e| ApplyError::Other(format!("{path}: {e}")))?;
     let mut blocks = Vec::with_capacity(want);
@@ -1648,6 +1739,25 @@ async fn fetch_run(
         return Err(ApplyError::Other(format!("{path}: short block answer")));
     }
     Ok((first, blocks))
+}
+
+/// Read block `i` of a file whose content is known (see `serve_blocks`); an index whose offset
+/// overflows (it may come from a peer) is refused.
+fn read_raw_block(f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let start = i
+        .checked_mul(crate::model::BLOCK_SIZE)
+        .filter(|s| *s < size)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("block {i} is out of range"),
+            )
+        })?;
+    let len = crate::model::BLOCK_SIZE.min(size - start) as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, start)?;
+    Ok(buf)
 }
 
 fn same_conn(a: &Conn, b: &Conn) -> bool {

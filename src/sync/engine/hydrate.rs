@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{blocking, fetch_run, lock, Engine, FETCH_PIPELINE, WRITEBACK_EVERY};
+use super::{
+    blocking, checked_retry, fetch_run, fetch_run_checked, lock, write_blocks, Engine,
+    FETCH_PIPELINE, WRITEBACK_EVERY,
+};
 use crate::model::{Kind, Record, BLOCK_SIZE};
 use crate::paths::RelPath;
 use crate::sync::apply::{ApplyError, Building};
@@ -424,7 +427,8 @@ impl Engine {
 }
 
 /// Fetch blocks `first..first + len` and write them (each verified against its hash) into the
-/// temp file, off the runtime's threads.
+/// temp file, off the runtime's threads; a block that fails its hash is asked for again with the
+/// sender checking too (see [`super::write_run`]).
 async fn fetch_and_write(
     conn: crate::net::rpc::Conn,
     b: Arc<Building>,
@@ -432,18 +436,17 @@ async fn fetch_and_write(
     len: usize,
 ) -> Result<(u64, usize, u64), ApplyError> {
     let hashes: Vec<[u8; 32]> = b.rec.blocks[first as usize..first as usize + len].to_vec();
-    let (first, blocks) = fetch_run(conn, b.rec.path.clone(), first, hashes).await?;
-    blocking(move || -> Result<u64, ApplyError> {
-        let mut bytes = 0u64;
-        for (k, d) in blocks.iter().enumerate() {
-            b.write_block(first + k as u64, d)?;
-            bytes += d.len() as u64;
+    let (first, blocks) = fetch_run(conn.clone(), b.rec.path.clone(), first, hashes).await?;
+    let b2 = b.clone();
+    let bytes = match blocking(move || write_blocks(&b2, first, &blocks)).await? {
+        Ok(n) => n,
+        Err(e) => {
+            let (path, hashes) = checked_retry(&b, first, len, &e);
+            let (_, blocks) = fetch_run_checked(conn, path, first, hashes).await?;
+            blocking(move || write_blocks(&b, first, &blocks)).await??
         }
-        Ok(bytes)
-    })
-    .await
-    .map_err(|e| ApplyError::Other(e.to_string()))?
-    .map(|bytes| (first, len, bytes))
+    };
+    Ok((first, len, bytes))
 }
 
 /// Placeholders being read right now, for status: (path, bytes here, size).
