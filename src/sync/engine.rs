@@ -1742,9 +1742,10 @@ async fn request_blocks(
 }
 
 /// Read block `i` of a file whose content is known (see `serve_blocks`); an index whose offset
-/// overflows (it may come from a peer) is refused.
-fn read_raw_block(f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
+/// overflows (it may come from a peer) is refused. Moves the descriptor's offset (`f` is the
+/// caller's own). `read_to_end` fills the buffer without zeroing it first.
+fn read_raw_block(mut f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
     let start = i
         .checked_mul(crate::model::BLOCK_SIZE)
         .filter(|s| *s < size)
@@ -1754,9 +1755,13 @@ fn read_raw_block(f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u
                 format!("block {i} is out of range"),
             )
         })?;
-    let len = crate::model::BLOCK_SIZE.min(size - start) as usize;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, start)?;
+    let len = crate::model::BLOCK_SIZE.min(size - start);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(len).read_to_end(&mut buf)?;
+    if buf.len() as u64 != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(buf)
 }
 

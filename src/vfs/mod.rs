@@ -8,7 +8,9 @@
 //! - Inode numbers: [`inodes::InodeTable`], one stable number per path while the kernel
 //!   remembers it; attributes come from `lstat` of the store (or of a writer's shadow).
 //! - Reads: a read-only open opens the store file; with kernel passthrough the kernel then reads
-//!   it directly (native speed), otherwise [`Vfs::read`] does `pread`.
+//!   it directly (native speed), otherwise [`Vfs::read`] does `pread`. A placeholder (content
+//!   still on the peer) opens at once on a temp file its content streams into
+//!   ([`hooks::ContentSource::hydrate`]); each read first waits for the blocks it covers.
 //! - Writes (close-to-open): the first write to a file makes a private shadow copy in
 //!   `.mybox/tmp/` (a fresh empty file on O_TRUNC); writes go there; flush/fsync/close renames it
 //!   over the store file in one step. A reader that opened before keeps the old inode, a reader
