@@ -25,6 +25,8 @@ use crate::vfs::{VfsError, VfsResult};
 /// Extra requests allowed in flight for blocks a reader waits for, so a read far from the
 /// stream does not queue behind it.
 const URGENT_EXTRA: usize = 4;
+/// Failed block requests of one stream asked again before it gives up.
+const RUN_RETRIES: u32 = 3;
 
 /// A placeholder being streamed in (shared by every open of it).
 pub struct Hydration {
@@ -140,6 +142,17 @@ impl Hydration {
 
     fn has_urgent(&self) -> bool {
         !lock(&self.st).urgent.is_empty()
+    }
+
+    /// A request for these blocks failed: ask for them again, first.
+    fn ask_again(&self, first: u64, len: usize) {
+        let mut st = lock(&self.st);
+        for i in first..first + len as u64 {
+            if !st.have[i as usize] {
+                st.asked[i as usize] = false;
+                st.urgent.insert(i);
+            }
+        }
     }
 
     fn arrived_run(&self, first: u64, len: usize) {
@@ -375,6 +388,7 @@ impl Engine {
         let mut inflight = tokio::task::JoinSet::new();
         let mut unflushed = 0u64;
         let mut stop = self.shutdown.subscribe();
+        let mut failures = 0;
         loop {
             loop {
                 let depth = if h.has_urgent() {
@@ -392,7 +406,11 @@ impl Engine {
                     .conn_for(peer)
                     .ok_or_else(|| ApplyError::Other(format!("{path}: the peer disconnected")))?;
                 let b = building.clone();
-                inflight.spawn(fetch_and_write(conn, b, first, len));
+                inflight.spawn(async move {
+                    fetch_and_write(conn, b, first, len)
+                        .await
+                        .map_err(|e| (first, len, e))
+                });
             }
             if inflight.is_empty() {
                 return match h.present() {
@@ -405,8 +423,22 @@ impl Engine {
             tokio::select! {
                 joined = inflight.join_next() => {
                     let Some(joined) = joined else { continue };
-                    let (first, len, bytes) = joined
-                        .map_err(|e| ApplyError::Other(format!("{path}: {e}")))??;
+                    let (first, len, bytes) = match joined
+                        .map_err(|e| ApplyError::Other(format!("{path}: {e}")))?
+                    {
+                        Ok(done) => done,
+                        Err((first, len, e)) => {
+                            // E.g. the connection was replaced by a newer one: ask again on
+                            // whichever is current, a few times.
+                            failures += 1;
+                            if failures > RUN_RETRIES || self.conn_for(peer).is_none() {
+                                return Err(e);
+                            }
+                            tracing::debug!("{path}: blocks {first}+{len}: {e}; asking again");
+                            h.ask_again(first, len);
+                            continue;
+                        }
+                    };
                     h.arrived_run(first, len);
                     self.stats
                         .bytes_fetched
