@@ -96,12 +96,10 @@ pub struct Engine {
     rescan_every: Duration,
     busy: AtomicU64,
     on_applied: Mutex<Option<OnApplied>>,
-    /// On-demand mode: files absent here are not pulled in the background, only when
-    /// [`Engine::fetch_now`] asks for them (directories, links, deletions and updates of files
+    /// On-demand mode: files absent here are not pulled in the background, only streamed in
+    /// when read ([`Engine::hydrate`]; directories, links, deletions and updates of files
     /// already here still apply).
     on_demand: bool,
-    /// Paths asked for by [`Engine::fetch_now`] (pulled even in on-demand mode).
-    wanted: Mutex<BTreeSet<RelPath>>,
     /// Placeholders being streamed in for reads (see [`Engine::hydrate`]).
     hydrations: Mutex<HashMap<RelPath, Arc<Hydration>>>,
     /// The runtime the engine's tasks run on (hydrations are started from mount threads).
@@ -215,7 +213,6 @@ impl Engine {
             busy: AtomicU64::new(0),
             on_applied: Mutex::new(None),
             on_demand,
-            wanted: Mutex::new(BTreeSet::new()),
             hydrations: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
         });
@@ -348,15 +345,13 @@ impl Engine {
         self.hydrate(record)?.wait_installed(timeout)
     }
 
-    /// On-demand mode leaves files that are absent here to [`Engine::fetch_now`].
+    /// On-demand mode leaves files that are absent here to [`Engine::hydrate`].
     fn deferred(&self, pl: &Planned) -> bool {
         if !self.on_demand || pl.local.as_ref().is_some_and(|l| !l.deleted) {
             return false;
         }
         match &pl.action {
-            Action::Install(r) | Action::Conflict { record: r, .. } => {
-                r.kind == Kind::File && !lock(&self.wanted).contains(&pl.path)
-            }
+            Action::Install(r) | Action::Conflict { record: r, .. } => r.kind == Kind::File,
             _ => false,
         }
     }
@@ -1493,7 +1488,8 @@ impl Engine {
         let mut peers_json = Vec::new();
         let cfg = self.ctx.local.dir.load_config().ok();
         let ignore = IgnoreRules::load(&self.ctx.local.dir);
-        let wanted = lock(&self.wanted).clone();
+        // Being streamed in for a read: work to pull, not online-only.
+        let wanted: HashSet<RelPath> = lock(&self.hydrations).keys().cloned().collect();
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         let (mut online_files, mut online_bytes) = (0u64, 0u64);
         let mut online_seen: HashSet<RelPath> = HashSet::new();

@@ -17,7 +17,6 @@ use super::{
     FETCH_PIPELINE, WRITEBACK_EVERY,
 };
 use crate::model::{Kind, Record, BLOCK_SIZE};
-use crate::paths::RelPath;
 use crate::sync::apply::{ApplyError, Building};
 use crate::sync::proto::MAX_BLOCKS_PER_REQUEST;
 use crate::vfs::{VfsError, VfsResult};
@@ -79,10 +78,6 @@ impl Hydration {
             arrived: Condvar::new(),
             wake: Notify::new(),
         }
-    }
-
-    pub fn record(&self) -> &Record {
-        &self.rec
     }
 
     fn failed(&self) -> bool {
@@ -479,18 +474,4 @@ async fn fetch_and_write(
         }
     };
     Ok((first, len, bytes))
-}
-
-/// Placeholders being read right now, for status: (path, bytes here, size).
-impl Engine {
-    pub fn hydrating(&self) -> Vec<(RelPath, u64, u64)> {
-        lock(&self.hydrations)
-            .values()
-            .map(|h| {
-                let (have, _) = h.present();
-                let bytes = (have as u64 * BLOCK_SIZE).min(h.rec.size);
-                (h.rec.path.clone(), bytes, h.rec.size)
-            })
-            .collect()
-    }
 }
