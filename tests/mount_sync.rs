@@ -458,3 +458,35 @@ fn mount_on_demand_read_fails_with_eio_when_the_peer_dies_mid_stream() {
         "placeholder gone"
     );
 }
+
+#[test]
+fn mount_on_demand_placeholder_opened_for_writing_is_fetched_first() {
+    use std::io::Write;
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    b.write("log.txt", b"first line\n");
+    wait_for("the placeholder", Duration::from_secs(10), || {
+        ma.p("log.txt").exists()
+    });
+    // Appending needs the content: it is fetched (and installed) before the writer locks the
+    // path, so the install does not wait for the writer's lock.
+    let t = Instant::now();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(ma.p("log.txt"))
+        .unwrap();
+    f.write_all(b"second line\n").unwrap();
+    drop(f);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        fs::read(ma.p("log.txt")).unwrap(),
+        b"first line\nsecond line\n"
+    );
+    wait_for("the append on B", Duration::from_secs(10), || {
+        b.read("log.txt").as_deref() == Some(&b"first line\nsecond line\n"[..])
+    });
+}

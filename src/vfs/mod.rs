@@ -378,6 +378,9 @@ pub struct Vfs {
     /// Opens by `execve` per inode: the program is running, so opening it for writing or
     /// truncating it fails with ETXTBSY, as on a local disk.
     exec_opens: Mutex<HashMap<u64, usize>>,
+    /// Placeholders fetched for a writer that has not taken its write state yet: the install's
+    /// invalidation must not give them a new inode number under the opening writer.
+    fetching_for_writer: Mutex<BTreeSet<u64>>,
     next_shadow: AtomicU64,
     locks: Arc<LockManager>,
     committer: Committer,
@@ -523,6 +526,7 @@ impl Vfs {
             writers: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
             exec_opens: Mutex::new(HashMap::new()),
+            fetching_for_writer: Mutex::new(BTreeSet::new()),
             next_shadow: AtomicU64::new(1),
             locks: opts.locks,
             committer,
@@ -1175,6 +1179,25 @@ impl Vfs {
         }
     }
 
+    /// If `rel` is a placeholder, fetch its whole content into the store (bounded wait).
+    fn fetch_placeholder(&self, rel: &RelPath) -> VfsResult<()> {
+        match std::fs::symlink_metadata(self.full(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Ok(()),
+        }
+        let Some(r) = self
+            .remote
+            .placeholder(rel)
+            .filter(|r| r.kind == Kind::File)
+        else {
+            return Ok(());
+        };
+        self.source.fetch(&r, 0, r.size, FETCH_WAIT).map_err(|e| {
+            tracing::warn!("fetching {rel} for a writer: {e}");
+            VfsError::new(libc::EIO, e.message())
+        })
+    }
+
     fn acquire_writer(&self, ino: u64, rel: &RelPath) -> VfsResult<Arc<Mutex<WriteState>>> {
         let mut w = lock(&self.writers);
         if let Some(s) = w.get(&ino) {
@@ -1460,7 +1483,14 @@ impl Vfs {
                 }
             }
         }
-        let state = self.acquire_writer(ino, &rel)?;
+        // A placeholder's content comes first: installing it takes the path's lock, which the
+        // writer is about to hold.
+        lock(&self.fetching_for_writer).insert(ino);
+        let state = self
+            .fetch_placeholder(&rel)
+            .and_then(|()| self.acquire_writer(ino, &rel));
+        lock(&self.fetching_for_writer).remove(&ino);
+        let state = state?;
         if flags & libc::O_TRUNC != 0 {
             let r = {
                 let mut st = lock(&state);
@@ -1990,7 +2020,11 @@ impl Vfs {
             let is_dir = std::fs::symlink_metadata(self.full(path))
                 .map(|m| m.is_dir())
                 .unwrap_or(false);
-            if !is_dir && !path.is_root() && self.writer_state(ino).is_none() {
+            if !is_dir
+                && !path.is_root()
+                && self.writer_state(ino).is_none()
+                && !lock(&self.fetching_for_writer).contains(&ino)
+            {
                 lock(&self.inodes).unlink(path);
             }
         }
