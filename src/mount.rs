@@ -284,8 +284,8 @@ impl RemoteView for EngineRemote {
     }
 }
 
-/// Placeholder content pulled by the engine when read (on-demand mode). The whole file is
-/// fetched, whatever range was asked for.
+/// Placeholder content pulled by the engine when read (on-demand mode): streamed block by
+/// block, reads served as their blocks arrive (see `sync::engine::Hydration`).
 struct EngineSource(Arc<crate::sync::Engine>);
 
 impl ContentSource for EngineSource {
@@ -299,6 +299,18 @@ impl ContentSource for EngineSource {
         self.0
             .fetch_now(record, timeout)
             .map_err(|e| crate::vfs::VfsError::new(libc::EIO, format!("{e:#}")))
+    }
+
+    fn hydrate(
+        &self,
+        record: &crate::model::Record,
+    ) -> Option<crate::vfs::VfsResult<Arc<dyn crate::vfs::hooks::Hydration>>> {
+        Some(
+            self.0
+                .hydrate(record)
+                .map(|h| h as Arc<dyn crate::vfs::hooks::Hydration>)
+                .map_err(|e| crate::vfs::VfsError::new(libc::EIO, format!("{e:#}"))),
+        )
     }
 }
 

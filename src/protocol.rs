@@ -15,7 +15,7 @@ pub const DATA_CHUNK: usize = 1024 * 1024;
 /// Entries per listing frame, so a 100k-file listing streams instead of hitting the cap.
 pub const ENTRIES_PER_FRAME: usize = 2000;
 /// Protocol version spoken; bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Which paths a listing selects.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -248,6 +248,11 @@ pub fn sample_frames() -> Vec<Frame> {
             hashes: vec![[6; 32]; 3],
         }),
         Request::Sync(SyncRequest::Bye),
+        Request::Sync(SyncRequest::GetIndexedBlocks {
+            path: path.clone(),
+            first: 2,
+            hashes: vec![[6; 32]; 3],
+        }),
         Request::Ping,
     ];
     for f in &filters {
@@ -350,6 +355,7 @@ pub fn sample_frames() -> Vec<Frame> {
                     SyncRequest::IndexSince { .. }
                     | SyncRequest::IndexChanged { .. }
                     | SyncRequest::GetBlocks { .. }
+                    | SyncRequest::GetIndexedBlocks { .. }
                     | SyncRequest::Bye => {}
                 },
                 Request::Udp(UdpRequest::Start(_)) => {}

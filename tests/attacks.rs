@@ -1054,7 +1054,10 @@ async fn run_hostile_peer(
                             }),
                         ));
                     }
-                    Request::Sync(SyncRequest::GetBlocks { path, hashes, .. }) => {
+                    Request::Sync(
+                        SyncRequest::GetBlocks { path, hashes, .. }
+                        | SyncRequest::GetIndexedBlocks { path, hashes, .. },
+                    ) => {
                         asked_blocks.push(path.to_string());
                         for _ in hashes {
                             replies.push((false, Response::Data(content.clone())));

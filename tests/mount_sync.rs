@@ -251,9 +251,13 @@ fn mount_on_demand_placeholders_fetch_when_read() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(a.read("data/one.bin").is_none(), "pulled in the background");
     assert!(a.read("data/two.bin").is_none(), "pulled in the background");
-    // Reading a placeholder fetches it.
+    // Reading a placeholder fetches it; once complete it is installed in the store.
     assert_eq!(fs::read(ma.p("data/one.bin")).unwrap(), one);
-    assert_eq!(a.read("data/one.bin").unwrap(), one);
+    wait_for(
+        "one.bin installed in A's store",
+        Duration::from_secs(10),
+        || a.read("data/one.bin").as_deref() == Some(&one[..]),
+    );
     // With B gone, reading the other one fails with EIO, well within the fetch bound.
     b.stop();
     let t = Instant::now();
@@ -331,4 +335,158 @@ fn mount_on_demand_new_placeholder_shows_in_a_cached_listing() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("online-only: 2 files"), "{text}");
+}
+
+/// Content that differs in every block (so no block can be reused from another).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A 128 MiB file of B's as a placeholder in A's on-demand mount.
+const BIG: usize = 128 << 20;
+
+fn big_placeholder(a: &TestBox, b: &TestBox, ma: &SyncMount) -> Vec<u8> {
+    let data = pattern(BIG, 0x5eed);
+    b.write("big.bin", &data);
+    wait_for("the big placeholder", Duration::from_secs(30), || {
+        fs::metadata(ma.p("big.bin")).map(|m| m.len()).ok() == Some(BIG as u64)
+    });
+    assert!(!a.path("big.bin").exists(), "pulled in the background");
+    data
+}
+
+#[test]
+fn mount_on_demand_read_at_an_offset_is_served_before_the_whole_file() {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    let data = big_placeholder(&a, &b, &ma);
+    // A read near the end, across a block boundary, right after the open: the stream starts at
+    // the beginning, so only a fetch of these blocks ahead of it can answer before the whole
+    // file (128 MiB, then an fsync) is installed.
+    let mut f = File::open(ma.p("big.bin")).unwrap();
+    let off = BIG - 3 * 131_072 - 1000;
+    let mut buf = vec![0u8; 200_000];
+    f.read_exact_at(&mut buf, off as u64).unwrap();
+    let installed_before = a.path("big.bin").exists();
+    assert!(buf == data[off..off + buf.len()], "wrong bytes at {off}");
+    assert!(
+        !installed_before,
+        "the file was complete before a read at its end returned"
+    );
+    let log = ma.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("big.bin: read at block") && l.contains("ahead of the stream")),
+        "the read did not ask for its blocks first:\n{log}"
+    );
+    // The whole file through the same descriptor, then installed in the store.
+    let mut all = Vec::new();
+    f.read_to_end(&mut all).unwrap();
+    assert!(all == data, "content read through the mount differs");
+    drop(f);
+    wait_for(
+        "big.bin installed in A's store",
+        Duration::from_secs(30),
+        || fs::metadata(a.path("big.bin")).map(|m| m.len()).ok() == Some(BIG as u64),
+    );
+    assert!(
+        a.read("big.bin").unwrap() == data,
+        "installed content differs"
+    );
+    // Every block travelled once, and a later open reads the store file.
+    let st = a.status_json();
+    assert_eq!(st["stats"]["bytes_fetched"], BIG as u64, "{st}");
+    assert!(fs::read(ma.p("big.bin")).unwrap() == data);
+}
+
+#[test]
+fn mount_on_demand_read_fails_with_eio_when_the_peer_dies_mid_stream() {
+    use std::os::unix::fs::FileExt;
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    let data = big_placeholder(&a, &b, &ma);
+    let f = File::open(ma.p("big.bin")).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, data[..4096]);
+    // Freeze B: the stream stops far from the end, and nothing answers the next read...
+    let pid = b.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let reader = std::thread::spawn(move || {
+        let mut tail = vec![0u8; 4096];
+        let t = Instant::now();
+        (f.read_exact_at(&mut tail, (BIG - 4096) as u64), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // ...until B dies: the waiting read fails with EIO, well within the read's bound.
+    b.kill9();
+    let (res, waited) = reader.join().unwrap();
+    let err = res.expect_err("read of a block nobody can send");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+    let log = ma.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("big.bin: streaming for a read failed")),
+        "{log}"
+    );
+    // Nothing half-fetched reached the store, and the placeholder stays one.
+    assert!(!a.path("big.bin").exists());
+    assert_eq!(
+        fs::metadata(ma.p("big.bin")).unwrap().len(),
+        BIG as u64,
+        "placeholder gone"
+    );
+}
+
+#[test]
+fn mount_on_demand_placeholder_opened_for_writing_is_fetched_first() {
+    use std::io::Write;
+    if !can_mount() {
+        return;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    b.write("log.txt", b"first line\n");
+    wait_for("the placeholder", Duration::from_secs(10), || {
+        ma.p("log.txt").exists()
+    });
+    // Appending needs the content: it is fetched (and installed) before the writer locks the
+    // path, so the install does not wait for the writer's lock.
+    let t = Instant::now();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(ma.p("log.txt"))
+        .unwrap();
+    f.write_all(b"second line\n").unwrap();
+    drop(f);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(
+        fs::read(ma.p("log.txt")).unwrap(),
+        b"first line\nsecond line\n"
+    );
+    wait_for("the append on B", Duration::from_secs(10), || {
+        b.read("log.txt").as_deref() == Some(&b"first line\nsecond line\n"[..])
+    });
 }

@@ -21,6 +21,9 @@ use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
 
+mod hydrate;
+pub use hydrate::Hydration;
+
 /// Events are collected this long after the first one before a scan runs.
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
 /// How long the MD5 filler waits after the last change before reading files again.
@@ -97,12 +100,14 @@ pub struct Engine {
     rescan_every: Duration,
     busy: AtomicU64,
     on_applied: Mutex<Option<OnApplied>>,
-    /// On-demand mode: files absent here are not pulled in the background, only when
-    /// [`Engine::fetch_now`] asks for them (directories, links, deletions and updates of files
+    /// On-demand mode: files absent here are not pulled in the background, only streamed in
+    /// when read ([`Engine::hydrate`]; directories, links, deletions and updates of files
     /// already here still apply).
     on_demand: bool,
-    /// Paths asked for by [`Engine::fetch_now`] (pulled even in on-demand mode).
-    wanted: Mutex<BTreeSet<RelPath>>,
+    /// Placeholders being streamed in for reads (see [`Engine::hydrate`]).
+    hydrations: Mutex<HashMap<RelPath, Arc<Hydration>>>,
+    /// The runtime the engine's tasks run on (hydrations are started from mount threads).
+    rt: tokio::runtime::Handle,
 }
 
 /// Called with every path the applier just changed on disk (installed, deleted, metadata set,
@@ -251,7 +256,8 @@ impl Engine {
             busy: AtomicU64::new(0),
             on_applied: Mutex::new(None),
             on_demand,
-            wanted: Mutex::new(BTreeSet::new()),
+            hydrations: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
         });
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
@@ -377,56 +383,19 @@ impl Engine {
             .collect()
     }
 
-    /// Pull `record.path` now (even in on-demand mode) and wait until the local index holds
-    /// that content, at most `timeout`. Fails at once when no peer that has it is connected.
-    pub fn fetch_now(&self, record: &Record, timeout: Duration) -> anyhow::Result<()> {
-        let path = record.path.clone();
-        let has_it: Vec<String> = lock(&self.db)
-            .remote_records(&path)?
-            .into_iter()
-            .filter(|(_, r)| r.same_content(record))
-            .map(|(peer, _)| peer)
-            .collect();
-        if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
-            anyhow::bail!("{path}: no connected peer has this version");
-        }
-        lock(&self.wanted).insert(path.clone());
-        lock(&self.retry).remove(&path);
-        self.mark_dirty([path.clone()]);
-        let end = Instant::now() + timeout;
-        let res = loop {
-            let here = self
-                .ctx
-                .local
-                .index
-                .lock()
-                .ok()
-                .and_then(|ix| ix.get(&path).ok().flatten())
-                .map(|s| s.record);
-            if here.is_some_and(|l| l.same_content(record) && !l.deleted) {
-                break Ok(());
-            }
-            if Instant::now() >= end {
-                break Err(anyhow::anyhow!("{path}: not fetched within {timeout:?}"));
-            }
-            if !has_it.iter().any(|p| self.conn_for(p).is_some()) {
-                break Err(anyhow::anyhow!("{path}: the peer disconnected"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        lock(&self.wanted).remove(&path);
-        res
+    /// Fetch placeholder `record` now (even in on-demand mode) and wait until it is installed
+    /// in the store, at most `timeout`. Fails at once when no peer that has it is connected.
+    pub fn fetch_now(self: &Arc<Self>, record: &Record, timeout: Duration) -> anyhow::Result<()> {
+        self.hydrate(record)?.wait_installed(timeout)
     }
 
-    /// On-demand mode leaves files that are absent here to [`Engine::fetch_now`].
+    /// On-demand mode leaves files that are absent here to [`Engine::hydrate`].
     fn deferred(&self, pl: &Planned) -> bool {
         if !self.on_demand || pl.local.as_ref().is_some_and(|l| !l.deleted) {
             return false;
         }
         match &pl.action {
-            Action::Install(r) | Action::Conflict { record: r, .. } => {
-                r.kind == Kind::File && !lock(&self.wanted).contains(&pl.path)
-            }
+            Action::Install(r) | Action::Conflict { record: r, .. } => r.kind == Kind::File,
             _ => false,
         }
     }
@@ -878,7 +847,12 @@ impl Engine {
                 path,
                 first,
                 hashes,
-            } => self.serve_blocks(path, first, hashes, out).await,
+            } => self.serve_blocks(path, first, hashes, true, out).await,
+            SyncRequest::GetIndexedBlocks {
+                path,
+                first,
+                hashes,
+            } => self.serve_blocks(path, first, hashes, false, out).await,
             SyncRequest::Bye => {
                 let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
                 if self.is_current(conn) {
@@ -946,6 +920,7 @@ impl Engine {
         path: RelPath,
         first: u64,
         hashes: Vec<[u8; 32]>,
+        checked: bool,
         mut out: Responder,
     ) -> String {
         if hashes.is_empty() || hashes.len() > proto::MAX_BLOCKS_PER_REQUEST {
@@ -978,9 +953,31 @@ impl Engine {
             if !md.is_file() {
                 return Err((ErrorCode::NotAFile, format!("{p}: not a regular file")));
             }
+            // Unchanged since it was hashed and asked for exactly the recorded blocks: the
+            // receiver's own check stands in for ours (see `SyncRequest::GetIndexedBlocks`).
+            let trusted = !checked && {
+                let st = local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.get(&p).ok().flatten());
+                st.is_some_and(|s| {
+                    !s.record.deleted
+                        && s.stat == Some(crate::hashing::StatKey::of(&md))
+                        && usize::try_from(first)
+                            .ok()
+                            .and_then(|f| s.record.blocks.get(f..f.checked_add(hashes.len())?))
+                            == Some(&hashes[..])
+                })
+            };
             let mut out = Vec::with_capacity(hashes.len());
             for (k, h) in hashes.iter().enumerate() {
-                match apply::read_block(&f, first + k as u64, md.len(), h) {
+                let block = if trusted {
+                    read_raw_block(&f, first + k as u64, md.len()).map(Some)
+                } else {
+                    apply::read_block(&f, first + k as u64, md.len(), h)
+                };
+                match block {
                     Ok(Some(b)) => out.push(b),
                     Ok(None) => {
                         // Same stat key as when it was hashed, different bytes: the disk
@@ -1475,13 +1472,10 @@ impl Engine {
                     .iter()
                     .map(|i| building.rec.blocks[*i as usize])
                     .collect();
-                let (first, blocks) = fetch_run(conn, rec.path.clone(), run[0], hashes).await?;
-                for (k, d) in blocks.iter().enumerate() {
-                    building.write_block(first + k as u64, d)?;
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
+                let (first, blocks) =
+                    fetch_run(conn.clone(), rec.path.clone(), run[0], hashes).await?;
+                let n = write_run(&conn, &building, first, blocks).await?;
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
                 return Ok(Some(building));
             }
             let mut todo = all_runs.into_iter();
@@ -1500,13 +1494,9 @@ impl Engine {
             while let Some(joined) = inflight.join_next().await {
                 let (first, blocks) =
                     joined.map_err(|e| ApplyError::Other(format!("{}: {e}", rec.path)))??;
-                for (k, d) in blocks.iter().enumerate() {
-                    building.write_block(first + k as u64, d)?;
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    unflushed += d.len() as u64;
-                }
+                let n = write_run(&conn, &building, first, blocks).await?;
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                unflushed += n;
                 if unflushed >= WRITEBACK_EVERY {
                     building.start_writeback();
                     unflushed = 0;
@@ -1586,7 +1576,8 @@ impl Engine {
         let mut peers_json = Vec::new();
         let cfg = self.ctx.local.dir.load_config().ok();
         let ignore = IgnoreRules::load(&self.ctx.local.dir);
-        let wanted = lock(&self.wanted).clone();
+        // Being streamed in for a read: work to pull, not online-only.
+        let wanted: HashSet<RelPath> = lock(&self.hydrations).keys().cloned().collect();
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         let (mut online_files, mut online_bytes) = (0u64, 0u64);
         let mut online_seen: HashSet<RelPath> = HashSet::new();
@@ -1727,19 +1718,89 @@ struct Planned {
 }
 
 /// Ask `conn` for the blocks `first..first + hashes.len()` of `path`; returns them in order.
+/// The sender skips its own hash check when its file is as indexed: the caller verifies every
+/// block (`Building::write_block`) and asks again with [`fetch_run_checked`] on a mismatch.
 async fn fetch_run(
     conn: Conn,
     path: RelPath,
     first: u64,
     hashes: Vec<[u8; 32]>,
 ) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
-    let want = hashes.len();
+    let req = SyncRequest::GetIndexedBlocks {
+        path: path.clone(),
+        first,
+        hashes,
+    };
+    request_blocks(conn, path, first, req).await
+}
+
+/// [`fetch_run`] with the sender hashing every block it reads: a corrupted block is refused
+/// and reported there.
+async fn fetch_run_checked(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    hashes: Vec<[u8; 32]>,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let req = SyncRequest::GetBlocks {
+        path: path.clone(),
+        first,
+        hashes,
+    };
+    request_blocks(conn, path, first, req).await
+}
+
+/// Write blocks `first, first+1, ...` fetched with [`fetch_run`] into `b` (each checked against
+/// its hash); when one does not match, fetch the run again with the sender checking too.
+/// Returns the bytes written.
+async fn write_run(
+    conn: &Conn,
+    b: &Building,
+    first: u64,
+    blocks: Vec<Vec<u8>>,
+) -> Result<u64, ApplyError> {
+    match write_blocks(b, first, &blocks) {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            let (path, hashes) = checked_retry(b, first, blocks.len(), &e);
+            let (_, blocks) = fetch_run_checked(conn.clone(), path, first, hashes).await?;
+            write_blocks(b, first, &blocks)
+        }
+    }
+}
+
+/// Write blocks `first, first+1, ...` into `b`, each checked against its hash; the bytes written.
+fn write_blocks(b: &Building, first: u64, blocks: &[Vec<u8>]) -> Result<u64, ApplyError> {
+    let mut n = 0;
+    for (k, d) in blocks.iter().enumerate() {
+        b.write_block(first + k as u64, d)?;
+        n += d.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Log a failed block write and give what a checked retry of the run asks for.
+fn checked_retry(b: &Building, first: u64, len: usize, e: &ApplyError) -> (RelPath, Vec<[u8; 32]>) {
+    tracing::warn!("{e}; asking again with the sender checking every block");
+    let start = (first as usize).min(b.rec.blocks.len());
+    let end = start.saturating_add(len).min(b.rec.blocks.len());
+    (b.rec.path.clone(), b.rec.blocks[start..end].to_vec())
+}
+
+async fn request_blocks(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    req: SyncRequest,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let want = match &req {
+        SyncRequest::GetBlocks { hashes, .. } | SyncRequest::GetIndexedBlocks { hashes, .. } => {
+            hashes.len()
+        }
+        _ => 0,
+    };
     let mut s = conn
-        .request(Request::Sync(SyncRequest::GetBlocks {
-            path: path.clone(),
-            first,
-            hashes,
-        }))
+        .request(Request::Sync(req))
         .await
         .map_err(|e| ApplyError::Other(format!("{path}: {e}")))?;
     let mut blocks = Vec::with_capacity(want);
@@ -1762,6 +1823,30 @@ async fn fetch_run(
         return Err(ApplyError::Other(format!("{path}: short block answer")));
     }
     Ok((first, blocks))
+}
+
+/// Read block `i` of a file whose content is known (see `serve_blocks`); an index whose offset
+/// overflows (it may come from a peer) is refused. Moves the descriptor's offset (`f` is the
+/// caller's own). `read_to_end` fills the buffer without zeroing it first.
+fn read_raw_block(mut f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let start = i
+        .checked_mul(crate::model::BLOCK_SIZE)
+        .filter(|s| *s < size)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("block {i} is out of range"),
+            )
+        })?;
+    let len = crate::model::BLOCK_SIZE.min(size - start);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(len).read_to_end(&mut buf)?;
+    if buf.len() as u64 != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
 
 fn same_conn(a: &Conn, b: &Conn) -> bool {

@@ -11,6 +11,8 @@
 //!   pages; the fuser adapter implements it over `fuser::Notifier`. The daemon never calls it
 //!   directly: it calls [`super::Vfs::invalidate`] with a path.
 
+use std::fs::File;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::Record;
@@ -57,6 +59,26 @@ pub trait ContentSource: Send + Sync {
     /// `timeout`. After `Ok`, the store file at `record.path` holds those bytes of that version.
     /// A peer that stays unreachable gives `EIO` (the caller logs it).
     fn fetch(&self, record: &Record, offset: u64, len: u64, timeout: Duration) -> VfsResult<()>;
+
+    /// Start streaming `record` (a placeholder being opened for reading) into a temp file, or
+    /// join the stream already under way, and return it at once: reads are then served from it
+    /// block by block ([`Hydration::wait`]) while the rest arrives in the background, and the
+    /// complete file is installed in the store. `None`: this source only fetches whole files,
+    /// so the caller uses [`fetch`](Self::fetch) before opening.
+    fn hydrate(&self, _record: &Record) -> Option<VfsResult<Arc<dyn Hydration>>> {
+        None
+    }
+}
+
+/// A placeholder's content arriving while it is read (see [`ContentSource::hydrate`]).
+pub trait Hydration: Send + Sync {
+    /// The temp file being filled; bytes reported present by [`wait`](Self::wait) are final
+    /// (verified against their block hashes) and stay so, also after the file is installed.
+    fn file(&self) -> Arc<File>;
+    /// Wait until bytes `[offset, offset + len)` are in [`file`](Self::file), asking for their
+    /// blocks ahead of the background stream; at most `timeout`. `EIO` when the fetch failed
+    /// (peer gone, content changed there) or took too long.
+    fn wait(&self, offset: u64, len: u64, timeout: Duration) -> VfsResult<()>;
 }
 
 /// No peer to fetch from: every fetch fails with EIO.

@@ -8,7 +8,9 @@
 //! - Inode numbers: [`inodes::InodeTable`], one stable number per path while the kernel
 //!   remembers it; attributes come from `lstat` of the store (or of a writer's shadow).
 //! - Reads: a read-only open opens the store file; with kernel passthrough the kernel then reads
-//!   it directly (native speed), otherwise [`Vfs::read`] does `pread`.
+//!   it directly (native speed), otherwise [`Vfs::read`] does `pread`. A placeholder (content
+//!   still on the peer) opens at once on a temp file its content streams into
+//!   ([`hooks::ContentSource::hydrate`]); each read first waits for the blocks it covers.
 //! - Writes (close-to-open): the first write to a file makes a private shadow copy in
 //!   `.mybox/tmp/` (a fresh empty file on O_TRUNC); writes go there; flush/fsync/close renames it
 //!   over the store file in one step. A reader that opened before keeps the old inode, a reader
@@ -46,7 +48,9 @@ use crate::scan::PART_SUFFIX;
 
 use commit::{Committer, Dirty};
 pub use error::{VfsError, VfsResult};
-use hooks::{ChangeSink, ContentSource, Invalidator, NoRemote, NoSink, NoSource, RemoteView};
+use hooks::{
+    ChangeSink, ContentSource, Hydration, Invalidator, NoRemote, NoSink, NoSource, RemoteView,
+};
 use inodes::{InodeTable, MARKER_INO, META_INO, ROOT_INO};
 use name::ValidName;
 
@@ -345,6 +349,9 @@ enum Handle {
         cached: bool,
         /// Opened by `execve` (counted in `exec_opens`).
         exec: bool,
+        /// A placeholder whose content is still arriving in `file`: each read waits for (and
+        /// asks first for) the blocks it covers.
+        fill: Option<Arc<dyn Hydration>>,
     },
     Write {
         ino: u64,
@@ -371,6 +378,9 @@ pub struct Vfs {
     /// Opens by `execve` per inode: the program is running, so opening it for writing or
     /// truncating it fails with ETXTBSY, as on a local disk.
     exec_opens: Mutex<HashMap<u64, usize>>,
+    /// Placeholders fetched for a writer that has not taken its write state yet: the install's
+    /// invalidation must not give them a new inode number under the opening writer.
+    fetching_for_writer: Mutex<BTreeSet<u64>>,
     next_shadow: AtomicU64,
     locks: Arc<LockManager>,
     committer: Committer,
@@ -516,6 +526,7 @@ impl Vfs {
             writers: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
             exec_opens: Mutex::new(HashMap::new()),
+            fetching_for_writer: Mutex::new(BTreeSet::new()),
             next_shadow: AtomicU64::new(1),
             locks: opts.locks,
             committer,
@@ -1143,6 +1154,50 @@ impl Vfs {
         }
     }
 
+    /// A placeholder opened for reading: its content streamed into a temp file that reads are
+    /// served from as blocks arrive. `None` when `rel` is in the store (or is no file
+    /// placeholder, or the source only fetches whole files: `open_store` then does).
+    fn hydrate(&self, rel: &RelPath) -> VfsResult<Option<Arc<dyn Hydration>>> {
+        match std::fs::symlink_metadata(self.full(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Ok(None),
+        }
+        let Some(r) = self
+            .remote
+            .placeholder(rel)
+            .filter(|r| r.kind == Kind::File)
+        else {
+            return Ok(None);
+        };
+        match self.source.hydrate(&r) {
+            None => Ok(None),
+            Some(Ok(h)) => Ok(Some(h)),
+            Some(Err(e)) => {
+                tracing::warn!("fetching {rel} for a read: {e}");
+                Err(VfsError::new(libc::EIO, e.message()))
+            }
+        }
+    }
+
+    /// If `rel` is a placeholder, fetch its whole content into the store (bounded wait).
+    fn fetch_placeholder(&self, rel: &RelPath) -> VfsResult<()> {
+        match std::fs::symlink_metadata(self.full(rel)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Ok(()),
+        }
+        let Some(r) = self
+            .remote
+            .placeholder(rel)
+            .filter(|r| r.kind == Kind::File)
+        else {
+            return Ok(());
+        };
+        self.source.fetch(&r, 0, r.size, FETCH_WAIT).map_err(|e| {
+            tracing::warn!("fetching {rel} for a writer: {e}");
+            VfsError::new(libc::EIO, e.message())
+        })
+    }
+
     fn acquire_writer(&self, ino: u64, rel: &RelPath) -> VfsResult<Arc<Mutex<WriteState>>> {
         let mut w = lock(&self.writers);
         if let Some(s) = w.get(&ino) {
@@ -1336,6 +1391,28 @@ impl Vfs {
             });
         }
         if acc == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+            if let Some(fill) = self.hydrate(&rel)? {
+                // Through the page cache (mmap and exec work; the kernel's readahead asks for
+                // the next blocks early); the partial file cannot be a passthrough backing, since
+                // the kernel would read holes before their blocks arrive.
+                *lock(&self.cached_opens).entry(ino).or_default() += 1;
+                let exec = flags & FMODE_EXEC != 0;
+                if exec {
+                    *lock(&self.exec_opens).entry(ino).or_default() += 1;
+                }
+                let fh = self.add_handle(Handle::Read {
+                    ino,
+                    file: fill.file(),
+                    cached: true,
+                    exec,
+                    fill: Some(fill),
+                });
+                return Ok(Opened {
+                    fh,
+                    io: IoMode::Cached,
+                    writer_key: None,
+                });
+            }
             // Passthrough only for large files nobody is writing and nobody has open through the
             // page cache (the kernel refuses to mix the two I/O modes on one inode). Small files
             // use the page cache: mmap works and the cost of going through us is tiny.
@@ -1384,6 +1461,7 @@ impl Vfs {
                 file,
                 cached,
                 exec,
+                fill: None,
             });
             return Ok(Opened {
                 fh,
@@ -1405,7 +1483,14 @@ impl Vfs {
                 }
             }
         }
-        let state = self.acquire_writer(ino, &rel)?;
+        // A placeholder's content comes first: installing it takes the path's lock, which the
+        // writer is about to hold.
+        lock(&self.fetching_for_writer).insert(ino);
+        let state = self
+            .fetch_placeholder(&rel)
+            .and_then(|()| self.acquire_writer(ino, &rel));
+        lock(&self.fetching_for_writer).remove(&ino);
+        let state = state?;
         if flags & libc::O_TRUNC != 0 {
             let r = {
                 let mut st = lock(&state);
@@ -1603,6 +1688,17 @@ impl Vfs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
         let h = self.handle(fh)?;
         let file = match h.as_ref() {
+            Handle::Read {
+                file,
+                fill: Some(fill),
+                ..
+            } => {
+                if let Err(e) = fill.wait(offset, u64::from(size), FETCH_WAIT) {
+                    tracing::warn!("read at {offset}: {e}");
+                    return Err(VfsError::new(libc::EIO, e.message()));
+                }
+                file.clone()
+            }
             Handle::Read { file, .. } => file.clone(),
             Handle::Write { state, .. } => {
                 let st = lock(state);
@@ -1924,7 +2020,11 @@ impl Vfs {
             let is_dir = std::fs::symlink_metadata(self.full(path))
                 .map(|m| m.is_dir())
                 .unwrap_or(false);
-            if !is_dir && !path.is_root() && self.writer_state(ino).is_none() {
+            if !is_dir
+                && !path.is_root()
+                && self.writer_state(ino).is_none()
+                && !lock(&self.fetching_for_writer).contains(&ino)
+            {
                 lock(&self.inodes).unlink(path);
             }
         }
