@@ -191,6 +191,66 @@ impl FuseFs {
         }
     }
 
+    /// Reply to a create: a new file the core offers for passthrough gets its shadow as the
+    /// backing file, so the kernel writes it without a WRITE request per chunk. Refused (or the
+    /// inode number still registered for an older file): writes go through the core.
+    fn reply_created(&self, a: Attr, o: Opened, reply: ReplyCreate) {
+        let fh = o.fh;
+        let fa = attr(&a);
+        let IoMode::Passthrough {
+            file,
+            key,
+            writable,
+        } = &o.io
+        else {
+            return reply.created(&TTL, &fa, Generation(0), FileHandle(fh), direct_or_cached(&o.io));
+        };
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let live = b
+            .by_ino
+            .get(&a.ino)
+            .is_some_and(|e| e.id.strong_count() > 0);
+        let id = if live {
+            None
+        } else {
+            match reply.open_backing(file.as_ref()) {
+                Ok(id) => Some(Arc::new(id)),
+                Err(e) => {
+                    tracing::debug!("passthrough refused for new inode {}: {e}", a.ino);
+                    None
+                }
+            }
+        };
+        let Some(id) = id else {
+            drop(b);
+            self.vfs.no_kernel_writes(fh);
+            return reply.created(
+                &TTL,
+                &fa,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            );
+        };
+        b.by_ino.insert(
+            a.ino,
+            Backing {
+                key: *key,
+                writable: *writable,
+                id: Arc::downgrade(&id),
+            },
+        );
+        b.by_fh.insert(fh, id.clone());
+        reply.created_passthrough(
+            &TTL,
+            &fa,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+            &id,
+        );
+    }
+
     fn drop_backing(&self, fh: u64) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         if b.by_fh.remove(&fh).is_some() {
@@ -676,11 +736,7 @@ impl Filesystem for FuseFs {
             self.vfs
                 .create(caller(req), parent.0, name, mode, umask, flags)
         }) {
-            Ok((a, o)) => {
-                // A new file has no passthrough opens yet: written through the shadow.
-                let flags = direct_or_cached(&o.io);
-                reply.created(&TTL, &attr(&a), Generation(0), FileHandle(o.fh), flags)
-            }
+            Ok((a, o)) => self.reply_created(a, o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
