@@ -89,6 +89,27 @@ fn attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The attributes of a negative lookup reply: only the inode number (0) matters.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn direct_or_cached(io: &IoMode) -> FopenFlags {
     match io {
         IoMode::Cached => FopenFlags::empty(),
@@ -203,7 +224,13 @@ impl FuseFs {
             writable,
         } = &o.io
         else {
-            return reply.created(&TTL, &fa, Generation(0), FileHandle(fh), direct_or_cached(&o.io));
+            return reply.created(
+                &TTL,
+                &fa,
+                Generation(0),
+                FileHandle(fh),
+                direct_or_cached(&o.io),
+            );
         };
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         let live = b
@@ -293,6 +320,12 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match guard("lookup", || self.vfs.lookup(parent.0, name)) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            // Inode 0 is "no such entry, and you may remember that" (a negative dentry), so a
+            // shell or `cp` asking again for a missing name costs no request. Creations through
+            // the mount replace it; sync's go through `Vfs::invalidate`, which drops the entry.
+            Err(e) if e.errno() == libc::ENOENT => {
+                reply.entry(&TTL, &negative_entry(), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -1300,7 +1300,16 @@ impl Vfs {
             return Ok(());
         };
         if let Some(sh) = st.shadow.take() {
-            if let Err(e) = std::fs::rename(sh.current_path(), self.full(&rel)) {
+            // The shadow is almost always where it was made (its name is unique to this
+            // process); only if its directory was renamed meanwhile ask where it is now.
+            let to = self.full(&rel);
+            let moved = match std::fs::rename(&sh.path, &to) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::rename(sh.current_path(), &to)
+                }
+                r => r,
+            };
+            if let Err(e) = moved {
                 let err = VfsError::io(format!("publishing {rel}"), e);
                 st.shadow = Some(sh);
                 return Err(err);
