@@ -3,11 +3,11 @@
 //! kernel's passthrough bookkeeping (backing ids are fuser objects), and a panic guard, because
 //! a panic in a handler would take the whole mount down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -25,12 +25,19 @@ use crate::vfs::{Attr, Caller, FileKind, IoMode, Opened, SetAttr, TimeSet, Vfs, 
 /// made to the store behind the mount's back wait this long to show.
 pub const TTL: Duration = Duration::from_secs(10);
 
+/// How long an open waits for the RELEASE of closed passthrough handles of its inode (see
+/// [`FuseFs::settle`]).
+const RELEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// Backing files registered for passthrough, per inode: every passthrough open of one inode
 /// must use the same backing file, so registrations are shared while any open holds them.
 #[derive(Default)]
 struct Backings {
     by_ino: HashMap<u64, Backing>,
     by_fh: HashMap<u64, Arc<BackingId>>,
+    /// Passthrough handles that have been closed at least once (FLUSH): their RELEASE, which
+    /// the kernel sends asynchronously after the close, is probably on its way.
+    flushed: HashSet<u64>,
 }
 
 struct Backing {
@@ -45,6 +52,8 @@ pub struct FuseFs {
     vfs: Arc<Vfs>,
     want_passthrough: bool,
     backings: Mutex<Backings>,
+    /// Signalled when a passthrough handle is released.
+    released: Condvar,
 }
 
 impl FuseFs {
@@ -53,6 +62,7 @@ impl FuseFs {
             vfs,
             want_passthrough,
             backings: Mutex::new(Backings::default()),
+            released: Condvar::new(),
         }
     }
 }
@@ -278,10 +288,50 @@ impl FuseFs {
         );
     }
 
+    /// The backings table, once the passthrough handles of `ino` that were closed have been
+    /// released (or [`RELEASE_WAIT`] passed). The kernel drops an inode's backing file at the
+    /// last close but tells us with an asynchronous RELEASE, so an open right after a close
+    /// (`echo x > f; cat f`) can arrive first; it would then be tied to the old backing file
+    /// (and a later writer forced to write in place) although the kernel no longer has one.
+    /// A handle still open through another descriptor (dup, fork) just costs this wait.
+    fn settle(&self, ino: u64) -> MutexGuard<'_, Backings> {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            let Some(id) = b.by_ino.get(&ino).and_then(|e| e.id.upgrade()) else {
+                return b;
+            };
+            let all_closed = b
+                .by_fh
+                .iter()
+                .filter(|(_, v)| Arc::ptr_eq(v, &id))
+                .all(|(fh, _)| b.flushed.contains(fh));
+            drop(id);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !all_closed || left.is_zero() {
+                return b;
+            }
+            b = match self.released.wait_timeout(b, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    fn flushed(&self, fh: u64) {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        if b.by_fh.contains_key(&fh) {
+            b.flushed.insert(fh);
+        }
+    }
+
     fn drop_backing(&self, fh: u64) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        b.flushed.remove(&fh);
         if b.by_fh.remove(&fh).is_some() {
             b.by_ino.retain(|_, e| e.id.strong_count() > 0);
+            drop(b);
+            self.released.notify_all();
         }
     }
 }
@@ -485,6 +535,8 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Before the core looks at the inode's writers: a closed writer's release must come first.
+        drop(self.settle(ino.0));
         match guard("open", || self.vfs.open(ino.0, flags.0)) {
             Ok(o) => self.reply_open(ino.0, o, reply),
             Err(e) => reply.error(errno(&e)),
@@ -534,6 +586,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.flushed(fh.0);
         match guard("flush", || self.vfs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
