@@ -25,6 +25,11 @@ use crate::vfs::{Attr, Caller, FileKind, IoMode, Opened, SetAttr, TimeSet, Vfs, 
 /// made to the store behind the mount's back wait this long to show.
 pub const TTL: Duration = Duration::from_secs(10);
 
+/// How long the kernel may remember that a name does not exist. Shorter than [`TTL`]: a name
+/// can appear without any invalidation reaching the kernel (a placeholder the engine defers
+/// to the mount in on-demand mode, an edit made to the store behind the mount's back).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
 /// How long an open waits for the RELEASE of closed passthrough handles of its inode (see
 /// [`FuseFs::settle`]).
 const RELEASE_WAIT: Duration = Duration::from_millis(50);
@@ -374,7 +379,7 @@ impl Filesystem for FuseFs {
             // shell or `cp` asking again for a missing name costs no request. Creations through
             // the mount replace it; sync's go through `Vfs::invalidate`, which drops the entry.
             Err(e) if e.errno() == libc::ENOENT => {
-                reply.entry(&TTL, &negative_entry(), Generation(0))
+                reply.entry(&NEGATIVE_TTL, &negative_entry(), Generation(0))
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -309,6 +309,35 @@ fn mount_new_file_publishes_on_fsync_and_close() {
     assert_eq!(&fs::read(m.p("n.bin")).unwrap()[..4096], &[b'x'; 4096][..]);
 }
 
+/// Names looked up while missing are remembered by the kernel as missing (negative entries);
+/// every way of creating a name through the mount must still make it appear at once.
+#[test]
+fn mount_missing_names_appear_when_created() {
+    if !can_mount() {
+        return;
+    }
+    let m = Mount::new();
+    fs::write(m.p("src"), b"x").unwrap();
+    let names = ["file", "dir", "link", "hard", "moved"];
+    for n in names {
+        assert!(fs::symlink_metadata(m.p(n)).is_err(), "{n} exists too early");
+    }
+    fs::write(m.p("file"), b"new").unwrap();
+    fs::create_dir(m.p("dir")).unwrap();
+    std::os::unix::fs::symlink("file", m.p("link")).unwrap();
+    fs::hard_link(m.p("src"), m.p("hard")).unwrap();
+    fs::rename(m.p("src"), m.p("moved")).unwrap();
+    assert_eq!(fs::read(m.p("file")).unwrap(), b"new");
+    assert!(fs::metadata(m.p("dir")).unwrap().is_dir());
+    assert_eq!(fs::read(m.p("link")).unwrap(), b"new");
+    assert_eq!(fs::read(m.p("hard")).unwrap(), b"x");
+    assert_eq!(fs::read(m.p("moved")).unwrap(), b"x");
+    // And gone again once removed.
+    fs::remove_file(m.p("moved")).unwrap();
+    assert!(fs::symlink_metadata(m.p("moved")).is_err());
+    assert!(fs::symlink_metadata(m.p("src")).is_err());
+}
+
 #[test]
 fn mount_large_file_reads_match() {
     if !can_mount() {
