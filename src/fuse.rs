@@ -3,11 +3,11 @@
 //! kernel's passthrough bookkeeping (backing ids are fuser objects), and a panic guard, because
 //! a panic in a handler would take the whole mount down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -25,12 +25,24 @@ use crate::vfs::{Attr, Caller, FileKind, IoMode, Opened, SetAttr, TimeSet, Vfs, 
 /// made to the store behind the mount's back wait this long to show.
 pub const TTL: Duration = Duration::from_secs(10);
 
+/// How long the kernel may remember that a name does not exist. Shorter than [`TTL`]: a name
+/// can appear without any invalidation reaching the kernel (a placeholder the engine defers
+/// to the mount in on-demand mode, an edit made to the store behind the mount's back).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
+/// How long an open waits for the RELEASE of closed passthrough handles of its inode (see
+/// [`FuseFs::settle`]).
+const RELEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// Backing files registered for passthrough, per inode: every passthrough open of one inode
 /// must use the same backing file, so registrations are shared while any open holds them.
 #[derive(Default)]
 struct Backings {
     by_ino: HashMap<u64, Backing>,
     by_fh: HashMap<u64, Arc<BackingId>>,
+    /// Passthrough handles that have been closed at least once (FLUSH): their RELEASE, which
+    /// the kernel sends asynchronously after the close, is probably on its way.
+    flushed: HashSet<u64>,
 }
 
 struct Backing {
@@ -45,6 +57,8 @@ pub struct FuseFs {
     vfs: Arc<Vfs>,
     want_passthrough: bool,
     backings: Mutex<Backings>,
+    /// Signalled when a passthrough handle is released.
+    released: Condvar,
 }
 
 impl FuseFs {
@@ -53,6 +67,7 @@ impl FuseFs {
             vfs,
             want_passthrough,
             backings: Mutex::new(Backings::default()),
+            released: Condvar::new(),
         }
     }
 }
@@ -85,6 +100,27 @@ fn attr(a: &Attr) -> FileAttr {
         gid: a.gid,
         rdev: a.rdev,
         blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+/// The attributes of a negative lookup reply: only the inode number (0) matters.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
         flags: 0,
     }
 }
@@ -191,10 +227,116 @@ impl FuseFs {
         }
     }
 
+    /// Reply to a create: a new file the core offers for passthrough gets its shadow as the
+    /// backing file, so the kernel writes it without a WRITE request per chunk. Refused (or the
+    /// inode number still registered for an older file): writes go through the core.
+    fn reply_created(&self, a: Attr, o: Opened, reply: ReplyCreate) {
+        let fh = o.fh;
+        let fa = attr(&a);
+        let IoMode::Passthrough {
+            file,
+            key,
+            writable,
+        } = &o.io
+        else {
+            return reply.created(
+                &TTL,
+                &fa,
+                Generation(0),
+                FileHandle(fh),
+                direct_or_cached(&o.io),
+            );
+        };
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let live = b
+            .by_ino
+            .get(&a.ino)
+            .is_some_and(|e| e.id.strong_count() > 0);
+        let id = if live {
+            None
+        } else {
+            match reply.open_backing(file.as_ref()) {
+                Ok(id) => Some(Arc::new(id)),
+                Err(e) => {
+                    tracing::debug!("passthrough refused for new inode {}: {e}", a.ino);
+                    None
+                }
+            }
+        };
+        let Some(id) = id else {
+            drop(b);
+            self.vfs.no_kernel_writes(fh);
+            return reply.created(
+                &TTL,
+                &fa,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            );
+        };
+        b.by_ino.insert(
+            a.ino,
+            Backing {
+                key: *key,
+                writable: *writable,
+                id: Arc::downgrade(&id),
+            },
+        );
+        b.by_fh.insert(fh, id.clone());
+        reply.created_passthrough(
+            &TTL,
+            &fa,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+            &id,
+        );
+    }
+
+    /// The backings table, once the passthrough handles of `ino` that were closed have been
+    /// released (or [`RELEASE_WAIT`] passed). The kernel drops an inode's backing file at the
+    /// last close but tells us with an asynchronous RELEASE, so an open right after a close
+    /// (`echo x > f; cat f`) can arrive first; it would then be tied to the old backing file
+    /// (and a later writer forced to write in place) although the kernel no longer has one.
+    /// A handle still open through another descriptor (dup, fork) just costs this wait.
+    fn settle(&self, ino: u64) -> MutexGuard<'_, Backings> {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            let Some(id) = b.by_ino.get(&ino).and_then(|e| e.id.upgrade()) else {
+                return b;
+            };
+            let all_closed = b
+                .by_fh
+                .iter()
+                .filter(|(_, v)| Arc::ptr_eq(v, &id))
+                .all(|(fh, _)| b.flushed.contains(fh));
+            drop(id);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !all_closed || left.is_zero() {
+                return b;
+            }
+            b = match self.released.wait_timeout(b, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    fn flushed(&self, fh: u64) {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        if b.by_fh.contains_key(&fh) {
+            b.flushed.insert(fh);
+        }
+    }
+
     fn drop_backing(&self, fh: u64) {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        b.flushed.remove(&fh);
         if b.by_fh.remove(&fh).is_some() {
             b.by_ino.retain(|_, e| e.id.strong_count() > 0);
+            drop(b);
+            self.released.notify_all();
         }
     }
 }
@@ -233,6 +375,12 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match guard("lookup", || self.vfs.lookup(parent.0, name)) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            // Inode 0 is "no such entry, and you may remember that" (a negative dentry), so a
+            // shell or `cp` asking again for a missing name costs no request. Creations through
+            // the mount replace it; sync's go through `Vfs::invalidate`, which drops the entry.
+            Err(e) if e.errno() == libc::ENOENT => {
+                reply.entry(&NEGATIVE_TTL, &negative_entry(), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -392,6 +540,8 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Before the core looks at the inode's writers: a closed writer's release must come first.
+        drop(self.settle(ino.0));
         match guard("open", || self.vfs.open(ino.0, flags.0)) {
             Ok(o) => self.reply_open(ino.0, o, reply),
             Err(e) => reply.error(errno(&e)),
@@ -441,6 +591,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.flushed(fh.0);
         match guard("flush", || self.vfs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -676,11 +827,7 @@ impl Filesystem for FuseFs {
             self.vfs
                 .create(caller(req), parent.0, name, mode, umask, flags)
         }) {
-            Ok((a, o)) => {
-                // A new file has no passthrough opens yet: written through the shadow.
-                let flags = direct_or_cached(&o.io);
-                reply.created(&TTL, &attr(&a), Generation(0), FileHandle(o.fh), flags)
-            }
+            Ok((a, o)) => self.reply_created(a, o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }

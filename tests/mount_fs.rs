@@ -269,6 +269,75 @@ fn mount_namespace_operations() {
     });
 }
 
+/// A new file is written by the kernel straight into its private copy (passthrough, when the
+/// kernel offers it): it must still be published on fsync and on close, keep committing what
+/// is written after an fsync, and not leak into an older version's readers afterwards.
+#[test]
+fn mount_new_file_publishes_on_fsync_and_close() {
+    if !can_mount() {
+        return;
+    }
+    use sha2::{Digest, Sha256};
+    let m = Mount::new();
+    let a: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+    let mut f = File::create(m.p("n.bin")).unwrap();
+    f.write_all(&a).unwrap();
+    // Not in the store (so not synced) until published; the mount shows its size.
+    assert!(!m.store.join("n.bin").exists());
+    assert_eq!(fs::metadata(m.p("n.bin")).unwrap().len(), a.len() as u64);
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(m.store.join("n.bin")).unwrap(), a);
+    m.wait_record("n.bin", |r| r.size == a.len() as u64);
+    // Written after the fsync: lands in the published file, committed on close.
+    f.write_all(&b).unwrap();
+    drop(f);
+    let whole = [a.clone(), b.clone()].concat();
+    assert_eq!(fs::read(m.p("n.bin")).unwrap(), whole);
+    assert_eq!(fs::read(m.store.join("n.bin")).unwrap(), whole);
+    let want: [u8; 32] = Sha256::digest(&whole).into();
+    m.wait_record("n.bin", |r| r.sha256 == Some(want));
+    // Right after the close: a reader keeps the version it opened while a new writer
+    // rewrites the file (close-to-open holds for files created through the mount too).
+    let mut early = File::open(m.p("n.bin")).unwrap();
+    let mut w = OpenOptions::new().write(true).open(m.p("n.bin")).unwrap();
+    w.write_all(&vec![b'x'; 4096]).unwrap();
+    let mut seen = Vec::new();
+    early.read_to_end(&mut seen).unwrap();
+    assert_eq!(seen, whole, "an earlier reader sees the old version");
+    drop(w);
+    assert_eq!(&fs::read(m.p("n.bin")).unwrap()[..4096], &[b'x'; 4096][..]);
+}
+
+/// Names looked up while missing are remembered by the kernel as missing (negative entries);
+/// every way of creating a name through the mount must still make it appear at once.
+#[test]
+fn mount_missing_names_appear_when_created() {
+    if !can_mount() {
+        return;
+    }
+    let m = Mount::new();
+    fs::write(m.p("src"), b"x").unwrap();
+    let names = ["file", "dir", "link", "hard", "moved"];
+    for n in names {
+        assert!(fs::symlink_metadata(m.p(n)).is_err(), "{n} exists too early");
+    }
+    fs::write(m.p("file"), b"new").unwrap();
+    fs::create_dir(m.p("dir")).unwrap();
+    std::os::unix::fs::symlink("file", m.p("link")).unwrap();
+    fs::hard_link(m.p("src"), m.p("hard")).unwrap();
+    fs::rename(m.p("src"), m.p("moved")).unwrap();
+    assert_eq!(fs::read(m.p("file")).unwrap(), b"new");
+    assert!(fs::metadata(m.p("dir")).unwrap().is_dir());
+    assert_eq!(fs::read(m.p("link")).unwrap(), b"new");
+    assert_eq!(fs::read(m.p("hard")).unwrap(), b"x");
+    assert_eq!(fs::read(m.p("moved")).unwrap(), b"x");
+    // And gone again once removed.
+    fs::remove_file(m.p("moved")).unwrap();
+    assert!(fs::symlink_metadata(m.p("moved")).is_err());
+    assert!(fs::symlink_metadata(m.p("src")).is_err());
+}
+
 #[test]
 fn mount_large_file_reads_match() {
     if !can_mount() {

@@ -338,6 +338,10 @@ struct WriteState {
     /// its backing file, so a writer arriving while passthrough readers are open cannot be
     /// given a private copy. Readers may then see the write in progress.
     in_place: bool,
+    /// The kernel writes this inode's backing file itself (a new file opened through
+    /// passthrough): writes never reach [`Vfs::write`]. Once published, the backing file is the
+    /// store file, so later writes through that open are in place.
+    kernel_writes: bool,
     _lock: Option<Guard>,
 }
 
@@ -1244,6 +1248,7 @@ impl Vfs {
             orphaned: false,
             created: false,
             in_place,
+            kernel_writes: false,
             _lock: Some(guard),
         }));
         w.insert(ino, st.clone());
@@ -1350,13 +1355,24 @@ impl Vfs {
             return Ok(());
         };
         if let Some(sh) = st.shadow.take() {
-            if let Err(e) = std::fs::rename(sh.current_path(), self.full(&rel)) {
+            // The shadow is almost always where it was made (its name is unique to this
+            // process); only if its directory was renamed meanwhile ask where it is now.
+            let to = self.full(&rel);
+            let moved = match std::fs::rename(&sh.path, &to) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::rename(sh.current_path(), &to)
+                }
+                r => r,
+            };
+            if let Err(e) = moved {
                 let err = VfsError::io(format!("publishing {rel}"), e);
                 st.shadow = Some(sh);
                 return Err(err);
             }
             st.base = Some(sh.file);
             st.created = false;
+            // The kernel keeps writing the same (now published) file through passthrough.
+            st.in_place |= st.kernel_writes;
         }
         if let Some(d) = st.pending.take() {
             self.committer.file(rel, d);
@@ -1645,7 +1661,21 @@ impl Vfs {
             }
         };
         let guard = self.locks.try_lock(child, Mode::Exclusive);
-        let attr = Attr::from_meta(ino, &sh.file.metadata()?);
+        let md = sh.file.metadata()?;
+        let attr = Attr::from_meta(ino, &md);
+        // With passthrough the kernel writes the shadow itself: no WRITE request per chunk (a
+        // tree copy is mostly small new files). Nobody else has this inode open yet, so the
+        // shadow can be its backing file.
+        let pt = self.passthrough();
+        let io = if pt {
+            IoMode::Passthrough {
+                file: sh.file.clone(),
+                key: (md.dev(), md.ino()),
+                writable: true,
+            }
+        } else {
+            IoMode::Direct
+        };
         let state = Arc::new(Mutex::new(WriteState {
             ino,
             base: None,
@@ -1655,6 +1685,7 @@ impl Vfs {
             orphaned: false,
             created: true,
             in_place: false,
+            kernel_writes: pt,
             _lock: guard,
         }));
         lock(&self.writers).insert(ino, state.clone());
@@ -1663,10 +1694,20 @@ impl Vfs {
             attr,
             Opened {
                 fh,
-                io: IoMode::Direct,
+                io,
                 writer_key: None,
             },
         ))
+    }
+
+    /// The kernel refused the backing file offered for new file `fh`: its writes come through
+    /// [`Vfs::write`] after all.
+    pub fn no_kernel_writes(&self, fh: u64) {
+        if let Ok(h) = self.handle(fh) {
+            if let Handle::Write { state, .. } = h.as_ref() {
+                lock(state).kernel_writes = false;
+            }
+        }
     }
 
     /// Is `ino` a file created through the mount and not yet published?
