@@ -79,6 +79,9 @@ pub struct Engine {
     my_id: DeviceId,
     applier: Arc<Applier>,
     db: Arc<Mutex<SyncDb>>,
+    /// A connection of its own for `status`: its walk over both indexes (tens of ms at 10k
+    /// files) must not hold `db`, which the puller needs for every file it plans and installs.
+    status_db: Mutex<Option<SyncDb>>,
     peers: Mutex<HashMap<DeviceId, PeerSlot>>,
     dialers: Mutex<BTreeSet<DeviceId>>,
     dirty: Mutex<BTreeSet<RelPath>>,
@@ -194,6 +197,7 @@ impl Engine {
             me,
             applier,
             db,
+            status_db: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             dialers: Mutex::new(BTreeSet::new()),
             dirty: Mutex::new(BTreeSet::new()),
@@ -1487,14 +1491,28 @@ impl Engine {
         // Streams over both indexes (merge by path): a status poll must not cost memory in
         // proportion to the number of files.
         let (mut files, mut conflicts) = (0u64, 0u64);
-        let _ = lock(&self.db).for_each_local_light(|r| {
+        let mut count_local = |r: &Record| {
             if !r.deleted {
                 files += 1;
                 if planner::is_conflict_copy(&r.path) {
                     conflicts += 1;
                 }
             }
-        });
+        };
+        let mut sdb = lock(&self.status_db);
+        if sdb.is_none() {
+            match SyncDb::open(&self.ctx.local.dir) {
+                Ok(d) => *sdb = Some(d),
+                Err(e) => return serde_json::json!({"error": format!("{e:#}")}),
+            }
+        }
+        let Some(sdb) = sdb.as_ref() else {
+            return serde_json::json!({"error": "no status connection"});
+        };
+        let pinned = self.ctx.peers.current();
+        if pinned.is_empty() {
+            let _ = sdb.for_each_local_light(|r| count_local(&r));
+        }
         let mut peers_json = Vec::new();
         let cfg = self.ctx.local.dir.load_config().ok();
         let ignore = IgnoreRules::load(&self.ctx.local.dir);
@@ -1502,10 +1520,16 @@ impl Engine {
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         let (mut online_files, mut online_bytes) = (0u64, 0u64);
         let mut online_seen: HashSet<RelPath> = HashSet::new();
-        for id in self.ctx.peers.current() {
+        for (k, id) in pinned.into_iter().enumerate() {
             let peer = id.to_string();
             let (mut nf, mut nb, mut of, mut ob) = (0u64, 0u64, 0u64, 0u64);
-            let _ = lock(&self.db).merge_with_remote(&peer, |l, r| {
+            // The local side is counted during the first peer's walk (one pass, not two).
+            let _ = sdb.merge_with_remote(&peer, |l, r| {
+                if k == 0 {
+                    if let Some(l) = &l {
+                        count_local(l);
+                    }
+                }
                 let Some(r) = r else {
                     // Only here: the peer still needs it unless it is a tombstone.
                     if let Some(l) = l.filter(|l| !l.deleted) {
