@@ -54,7 +54,7 @@ const GROUP_FILES: usize = 64;
 const GROUP_BYTES: u64 = 4 * 1024 * 1024;
 const GROUP_SLOTS: u32 = 8;
 /// Groups of fetched files queued for the finisher.
-const FINISH_QUEUE: usize = 4;
+const FINISH_QUEUE: usize = 8;
 
 /// A file fetched into the temp folder, waiting for the finisher.
 struct Fetched {
@@ -1324,16 +1324,7 @@ impl Engine {
         let metas: Vec<(RelPath, bool)> =
             group.iter().map(|pl| (pl.path.clone(), pl.multi)).collect();
         let ap = self.applier.clone();
-        let prepared = blocking(move || {
-            group
-                .into_iter()
-                .map(|pl| {
-                    let res = prepare_planned(&ap, &pl);
-                    (pl, res)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
+        let prepared = blocking(move || prepare_group(&ap, group)).await;
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -1373,18 +1364,21 @@ impl Engine {
                         .iter()
                         .map(|f| (f.pl.path.clone(), f.pl.multi))
                         .collect();
-                    // Check (SHA-256 per block) and write every block in one blocking call.
+                    // Check (SHA-256 per block) and write every block, and seal the files here
+                    // rather than in the finisher, which is one task for all groups.
+                    let ap = self.applier.clone();
                     let written = blocking(move || {
                         fetch
                             .into_iter()
                             .zip(answers)
-                            .map(|(f, blocks)| {
+                            .map(|(mut f, blocks)| {
                                 let res = blocks.and_then(|blocks| {
                                     let mut n = 0u64;
                                     for (i, d) in blocks {
                                         f.building.write_block(i, &d)?;
                                         n += d.len() as u64;
                                     }
+                                    ap.seal(&mut f.building)?;
                                     Ok(n)
                                 });
                                 (f, res)
@@ -1790,7 +1784,7 @@ impl Engine {
         };
         let mut sdb = lock(&self.status_db);
         if sdb.is_none() {
-            match SyncDb::open(&self.ctx.local.dir) {
+            match SyncDb::open_reader(&self.ctx.local.dir) {
                 Ok(d) => *sdb = Some(d),
                 Err(e) => return serde_json::json!({"error": format!("{e:#}")}),
             }
@@ -1951,19 +1945,44 @@ struct Planned {
     multi: bool,
 }
 
-/// The temp file for a planned install of a small file, or `None` when the local file already
-/// has that content and only its metadata was set (here).
-fn prepare_planned(ap: &Applier, pl: &Planned) -> Result<Option<Building>, ApplyError> {
-    let Action::Install(rec) = &pl.action else {
-        return Err(ApplyError::Other(format!("{}: not an install", pl.path)));
-    };
-    if let Some(l) = pl.local.as_ref() {
-        if l.kind == Kind::File && !l.deleted && l.same_content(rec) {
-            ap.set_meta(rec.clone(), pl.local.as_ref())?;
-            return Ok(None);
+/// The temp files for planned installs of small files (`None` for a file whose local version
+/// already has that content: only its metadata is set, here).
+#[allow(clippy::type_complexity)]
+fn prepare_group(
+    ap: &Applier,
+    group: Vec<Planned>,
+) -> Vec<(Planned, Result<Option<Building>, ApplyError>)> {
+    let mut out = Vec::with_capacity(group.len());
+    let mut build = Vec::new();
+    for pl in group {
+        let Action::Install(rec) = &pl.action else {
+            let e = ApplyError::Other(format!("{}: not an install", pl.path));
+            out.push((pl, Err(e)));
+            continue;
+        };
+        let live = pl.local.as_ref().filter(|l| !l.deleted);
+        if let Some(l) = live {
+            if l.kind == Kind::File && l.same_content(rec) {
+                let res = ap.set_meta(rec.clone(), pl.local.as_ref()).map(|()| None);
+                out.push((pl, res));
+                continue;
+            }
         }
+        build.push(pl);
     }
-    Ok(Some(ap.prepare_file(rec)?))
+    let recs: Vec<(&Record, bool)> = build
+        .iter()
+        .filter_map(|pl| match &pl.action {
+            Action::Install(r) => Some((r, pl.local.as_ref().is_some_and(|l| !l.deleted))),
+            _ => None,
+        })
+        .collect();
+    let built = ap.prepare_files(&recs);
+    drop(recs);
+    for (pl, b) in build.into_iter().zip(built) {
+        out.push((pl, b.map(Some)));
+    }
+    out
 }
 
 /// Blocks of one file fetched by a batch: (block index, data), or why they are not here.

@@ -75,6 +75,17 @@ impl SyncDb {
         Ok(SyncDb { conn })
     }
 
+    /// A read-only connection for long walks over both indexes (`status`): pages are read
+    /// through a memory map, since every commit of the engine's connections invalidates this
+    /// connection's page cache and a walk re-reads the whole table (a `pread` per page).
+    pub fn open_reader(b: &BoxDir) -> anyhow::Result<SyncDb> {
+        let db = SyncDb::open(b)?;
+        db.conn
+            .pragma_update(None, "mmap_size", 256i64 * 1024 * 1024)?;
+        db.conn.pragma_update(None, "query_only", true)?;
+        Ok(db)
+    }
+
     pub fn open_in_memory() -> anyhow::Result<SyncDb> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
