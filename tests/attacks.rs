@@ -245,6 +245,16 @@ fn path_carriers(secret_hash: [u8; 32]) -> Vec<(&'static str, Request)> {
             }),
         ),
         (
+            "sync-get-batch",
+            Request::Sync(SyncRequest::GetBatch {
+                runs: vec![mybox::sync::proto::BlockRun {
+                    path: p.clone(),
+                    first: 0,
+                    hashes: vec![secret_hash],
+                }],
+            }),
+        ),
+        (
             "udp-start",
             Request::Udp(UdpRequest::Start(StartRequest {
                 path: p,
@@ -1059,6 +1069,20 @@ async fn run_hostile_peer(
                         for _ in hashes {
                             replies.push((false, Response::Data(content.clone())));
                         }
+                        replies.push((true, Response::Done));
+                    }
+                    Request::Sync(SyncRequest::GetBatch { runs }) => {
+                        let mut answers = Vec::new();
+                        for run in runs {
+                            asked_blocks.push(run.path.to_string());
+                            let blocks = run
+                                .hashes
+                                .iter()
+                                .map(|_| serde_bytes::ByteBuf::from(content.clone()))
+                                .collect();
+                            answers.push(mybox::sync::proto::RunAnswer::Blocks(blocks));
+                        }
+                        replies.push((false, Response::Sync(SyncResponse::Runs(answers))));
                         replies.push((true, Response::Done));
                     }
                     Request::Hello { .. } => replies.push((
