@@ -171,6 +171,12 @@ async fn ask(s: &mut Tls, id: u32, bytes: &[u8]) -> Outcome {
                 if let Response::Error { code, message } = body {
                     return Outcome::Error(code, message);
                 }
+                // A batch whose only run is refused: that refusal is the answer.
+                if let Response::Sync(mybox::sync::proto::SyncResponse::Runs(r)) = &body {
+                    if let [mybox::sync::proto::RunAnswer::Failed { code, message }] = &r[..] {
+                        return Outcome::Error(*code, message.clone());
+                    }
+                }
                 got.push(body);
                 if end {
                     return Outcome::Answer(got);
