@@ -181,7 +181,7 @@ impl Applier {
             (None, None) => true,
             (None, Some(_)) | (Some(_), None) => false,
             (Some(s), Some(md)) => match s.record.kind {
-                Kind::File => md.is_file() && s.stat == Some(StatKey::of(&md)),
+                Kind::File => md.is_file() && s.stat == Some(StatKey::of(md)),
                 Kind::Dir => md.is_dir(),
                 Kind::Symlink => {
                     md.file_type().is_symlink()
