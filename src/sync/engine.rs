@@ -45,7 +45,7 @@ const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
 /// At most this many files per batch (and fetched files waiting for one).
-const FINISH_BATCH: usize = 256;
+const FINISH_BATCH: usize = 512;
 /// Files at most this big are fetched many per request (`GetBatch`, see [`Engine::fetch_group`]),
 /// up to `GROUP_FILES` files or `GROUP_BYTES` bytes per group; a group takes `GROUP_SLOTS` pull
 /// slots, so a few groups overlap their round trips, reads and writes.
@@ -144,6 +144,7 @@ impl Engine {
         rescan_every: Duration,
         on_demand: bool,
     ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+        raise_fd_limit();
         let b = ctx.local.dir.clone();
         let tmp = b.tmp_dir().join("sync");
         std::fs::create_dir_all(&tmp)?;
@@ -1912,6 +1913,28 @@ impl Engine {
                 "conflicts_resolved": self.stats.conflicts.load(Ordering::Relaxed),
             },
         })
+    }
+}
+
+/// Raise the soft limit on open files to the hard one: files being built stay open until their
+/// batch is put in place (several hundred at a time with many small files), more than the usual
+/// soft default of 1024 leaves room for next to sockets, the index and a mount.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::debug!("cannot raise the open-file limit");
+            }
+        }
     }
 }
 
