@@ -1227,9 +1227,22 @@ impl Engine {
                     _ => files.push(pl),
                 }
             }
+            // Plain directory installs of the chunk in one blocking call (a tree of a few
+            // hundred directories was as many thread-pool hops, one after the other); the rest
+            // one at a time, in the same (parents-first) order.
+            let mut plain_dirs = Vec::new();
             for pl in dirs {
-                self.execute(pl).await;
+                match &pl.action {
+                    Action::Install(r) if r.kind == Kind::Dir && !self.stopping() => {
+                        plain_dirs.push(pl)
+                    }
+                    _ => {
+                        self.install_dirs(std::mem::take(&mut plain_dirs)).await;
+                        self.execute(pl).await;
+                    }
+                }
             }
+            self.install_dirs(plain_dirs).await;
             // Small new files go many per request (grouped by the peer that has them); the
             // rest one task each.
             let mut groups: BTreeMap<String, (Vec<Planned>, u64)> = BTreeMap::new();
@@ -1288,6 +1301,41 @@ impl Engine {
         deletes.sort_by(|a, b| b.path.cmp(&a.path));
         for pl in deletes {
             self.execute(pl).await;
+        }
+    }
+
+    /// Install planned directories (plain installs, parents first) in one blocking call.
+    async fn install_dirs(self: &Arc<Self>, dirs: Vec<Planned>) {
+        if dirs.is_empty() {
+            return;
+        }
+        let metas: Vec<(RelPath, bool)> =
+            dirs.iter().map(|pl| (pl.path.clone(), pl.multi)).collect();
+        let ap = self.applier.clone();
+        let res = blocking(move || {
+            dirs.into_iter()
+                .map(|pl| match pl.action {
+                    Action::Install(r) => ap.install_other(r, pl.local.as_ref(), None),
+                    _ => Err(ApplyError::Other(format!(
+                        "{}: not a directory install",
+                        pl.path
+                    ))),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match res {
+            Ok(results) => {
+                for ((path, multi), r) in metas.into_iter().zip(results) {
+                    self.settle(path, multi, None, r);
+                }
+            }
+            Err(e) => {
+                for (path, multi) in metas {
+                    let err = ApplyError::Other(format!("{path}: {e:#}"));
+                    self.settle(path, multi, None, Err(err));
+                }
+            }
         }
     }
 
