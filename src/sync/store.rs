@@ -75,13 +75,11 @@ impl SyncDb {
         Ok(SyncDb { conn })
     }
 
-    /// A read-only connection for long walks over both indexes (`status`): pages are read
-    /// through a memory map, since every commit of the engine's connections invalidates this
-    /// connection's page cache and a walk re-reads the whole table (a `pread` per page).
+    /// A read-only connection for long walks over both indexes (`status`). Not memory-mapped:
+    /// a walk touches every page, and mapped pages count in the daemon's resident memory (at
+    /// 100k files that alone put the receiver past 100 MB).
     pub fn open_reader(b: &BoxDir) -> anyhow::Result<SyncDb> {
         let db = SyncDb::open(b)?;
-        db.conn
-            .pragma_update(None, "mmap_size", 256i64 * 1024 * 1024)?;
         db.conn.pragma_update(None, "query_only", true)?;
         Ok(db)
     }
