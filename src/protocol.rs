@@ -193,7 +193,7 @@ pub fn decode_prefixed(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError>
 #[doc(hidden)]
 pub fn sample_frames() -> Vec<Frame> {
     use crate::model::{Kind, VersionVector};
-    use crate::sync::proto::{SyncRequest, SyncResponse};
+    use crate::sync::proto::{BlockRun, RunAnswer, SyncRequest, SyncResponse};
     use crate::udp::proto::{Resume, StartRequest, UdpRequest, UdpResponse};
     let path = RelPath::parse("dir/file.txt").unwrap_or_default();
     let entry = EntryInfo {
@@ -247,6 +247,20 @@ pub fn sample_frames() -> Vec<Frame> {
             first: 2,
             hashes: vec![[6; 32]; 3],
         }),
+        Request::Sync(SyncRequest::GetBatch {
+            runs: vec![
+                BlockRun {
+                    path: path.clone(),
+                    first: 0,
+                    hashes: vec![[7; 32]],
+                },
+                BlockRun {
+                    path: path.clone(),
+                    first: 4,
+                    hashes: vec![[8; 32]; 2],
+                },
+            ],
+        }),
         Request::Sync(SyncRequest::Bye),
         Request::Sync(SyncRequest::GetIndexedBlocks {
             path: path.clone(),
@@ -297,6 +311,16 @@ pub fn sample_frames() -> Vec<Frame> {
             current_max: 2,
         }),
         Response::Sync(SyncResponse::Ack),
+        Response::Sync(SyncResponse::Runs(vec![
+            RunAnswer::Blocks(vec![
+                serde_bytes::ByteBuf::from(vec![1, 2]),
+                serde_bytes::ByteBuf::new(),
+            ]),
+            RunAnswer::Failed {
+                code: ErrorCode::Changed,
+                message: "m".into(),
+            },
+        ])),
         Response::Udp(UdpResponse::Ready {
             session: [9; 16],
             port: 4000,
@@ -356,6 +380,7 @@ pub fn sample_frames() -> Vec<Frame> {
                     | SyncRequest::IndexChanged { .. }
                     | SyncRequest::GetBlocks { .. }
                     | SyncRequest::GetIndexedBlocks { .. }
+                    | SyncRequest::GetBatch { .. }
                     | SyncRequest::Bye => {}
                 },
                 Request::Udp(UdpRequest::Start(_)) => {}
@@ -370,7 +395,9 @@ pub fn sample_frames() -> Vec<Frame> {
                 | Response::Pong
                 | Response::Error { .. }
                 | Response::Done => {}
-                Response::Sync(SyncResponse::IndexEnd { .. } | SyncResponse::Ack) => {}
+                Response::Sync(
+                    SyncResponse::IndexEnd { .. } | SyncResponse::Ack | SyncResponse::Runs(_),
+                ) => {}
                 Response::Udp(UdpResponse::Ready { .. } | UdpResponse::Finished { .. }) => {}
             },
             Frame::Cancel { .. } => {}

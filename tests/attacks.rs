@@ -171,6 +171,12 @@ async fn ask(s: &mut Tls, id: u32, bytes: &[u8]) -> Outcome {
                 if let Response::Error { code, message } = body {
                     return Outcome::Error(code, message);
                 }
+                // A batch whose only run is refused: that refusal is the answer.
+                if let Response::Sync(mybox::sync::proto::SyncResponse::Runs(r)) = &body {
+                    if let [mybox::sync::proto::RunAnswer::Failed { code, message }] = &r[..] {
+                        return Outcome::Error(*code, message.clone());
+                    }
+                }
                 got.push(body);
                 if end {
                     return Outcome::Answer(got);
@@ -242,6 +248,16 @@ fn path_carriers(secret_hash: [u8; 32]) -> Vec<(&'static str, Request)> {
                 path: p.clone(),
                 first: 0,
                 hashes: vec![secret_hash],
+            }),
+        ),
+        (
+            "sync-get-batch",
+            Request::Sync(SyncRequest::GetBatch {
+                runs: vec![mybox::sync::proto::BlockRun {
+                    path: p.clone(),
+                    first: 0,
+                    hashes: vec![secret_hash],
+                }],
             }),
         ),
         (
@@ -1062,6 +1078,20 @@ async fn run_hostile_peer(
                         for _ in hashes {
                             replies.push((false, Response::Data(content.clone())));
                         }
+                        replies.push((true, Response::Done));
+                    }
+                    Request::Sync(SyncRequest::GetBatch { runs }) => {
+                        let mut answers = Vec::new();
+                        for run in runs {
+                            asked_blocks.push(run.path.to_string());
+                            let blocks = run
+                                .hashes
+                                .iter()
+                                .map(|_| serde_bytes::ByteBuf::from(content.clone()))
+                                .collect();
+                            answers.push(mybox::sync::proto::RunAnswer::Blocks(blocks));
+                        }
+                        replies.push((false, Response::Sync(SyncResponse::Runs(answers))));
                         replies.push((true, Response::Done));
                     }
                     Request::Hello { .. } => replies.push((

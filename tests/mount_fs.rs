@@ -320,7 +320,10 @@ fn mount_missing_names_appear_when_created() {
     fs::write(m.p("src"), b"x").unwrap();
     let names = ["file", "dir", "link", "hard", "moved"];
     for n in names {
-        assert!(fs::symlink_metadata(m.p(n)).is_err(), "{n} exists too early");
+        assert!(
+            fs::symlink_metadata(m.p(n)).is_err(),
+            "{n} exists too early"
+        );
     }
     fs::write(m.p("file"), b"new").unwrap();
     fs::create_dir(m.p("dir")).unwrap();

@@ -100,6 +100,8 @@ pub struct Building {
     pub missing: Vec<u64>,
     /// Bytes taken from local files instead of the network.
     pub reused: u64,
+    /// Size, mode and mtime set and content checked ([`Applier::seal`]) ahead of the finisher.
+    sealed: bool,
 }
 
 impl Building {
@@ -169,22 +171,27 @@ impl Applier {
     fn disk_matches(&self, path: &RelPath, st: Option<&Stored>) -> Result<bool, ApplyError> {
         let full = self.full(path)?;
         let md = lstat(&full).map_err(|e| ctx_err(path, e))?;
+        Ok(self.md_matches(&full, md.as_ref(), st))
+    }
+
+    /// [`disk_matches`](Self::disk_matches) given what `lstat` said about the path.
+    fn md_matches(&self, full: &Path, md: Option<&std::fs::Metadata>, st: Option<&Stored>) -> bool {
         let live = st.filter(|s| !s.record.deleted);
-        Ok(match (live, md) {
+        match (live, md) {
             (None, None) => true,
             (None, Some(_)) | (Some(_), None) => false,
             (Some(s), Some(md)) => match s.record.kind {
-                Kind::File => md.is_file() && s.stat == Some(StatKey::of(&md)),
+                Kind::File => md.is_file() && s.stat == Some(StatKey::of(md)),
                 Kind::Dir => md.is_dir(),
                 Kind::Symlink => {
                     md.file_type().is_symlink()
-                        && std::fs::read_link(&full)
+                        && std::fs::read_link(full)
                             .ok()
                             .map(|t| t.to_string_lossy().into_owned())
                             == s.record.target
                 }
             },
-        })
+        }
     }
 
     /// Check, change the disk with `op`, store `rec`: all under the path's exclusive lock and the
@@ -304,6 +311,26 @@ impl Applier {
     /// Start building a file: a temp file holding every block available locally.
     pub fn prepare_file(&self, rec: &Record) -> Result<Building, ApplyError> {
         std::fs::create_dir_all(&self.tmp).map_err(|e| ctx_err("temp folder", e))?;
+        self.prepare_in_tmp(rec, true)
+    }
+
+    /// [`prepare_file`](Self::prepare_file) for many files (the temp folder made once). With
+    /// `previous` false for a file, its previous version is not looked for: the caller planned
+    /// it from no live local file, and if one appeared since, the finish sees the change anyway.
+    pub fn prepare_files(&self, recs: &[(&Record, bool)]) -> Vec<Result<Building, ApplyError>> {
+        if let Err(e) = std::fs::create_dir_all(&self.tmp) {
+            let e = ctx_err("temp folder", e);
+            return recs
+                .iter()
+                .map(|(r, _)| Err(ApplyError::Other(format!("{}: {e}", r.path))))
+                .collect();
+        }
+        recs.iter()
+            .map(|(r, previous)| self.prepare_in_tmp(r, *previous))
+            .collect()
+    }
+
+    fn prepare_in_tmp(&self, rec: &Record, previous: bool) -> Result<Building, ApplyError> {
         let tmp_path = self
             .tmp
             .join(format!("{:016x}.part", rand::random::<u64>()));
@@ -321,8 +348,12 @@ impl Applier {
 
         // The previous version of the same file: most blocks of an edited file are unchanged, so
         // clone it whole (copy_file_range, in the kernel) and patch the rest.
-        let old = self
-            .stored(&rec.path)?
+        let old = if previous {
+            self.stored(&rec.path)?
+        } else {
+            None
+        };
+        let old = old
             .filter(|s| s.record.kind == Kind::File && !s.record.deleted && s.record.is_hashed());
         if let Some(old) = old {
             let same: usize = rec
@@ -394,12 +425,16 @@ impl Applier {
             guard,
             missing,
             reused,
+            sealed: false,
         })
     }
 
     /// Give a built file its final size, mode and mtime and check it against the record (the
     /// whole content when small; large files were verified block by block as they arrived).
-    fn seal(&self, b: &mut Building) -> Result<(), ApplyError> {
+    pub fn seal(&self, b: &mut Building) -> Result<(), ApplyError> {
+        if b.sealed {
+            return Ok(());
+        }
         let rec = &b.rec;
         let path = &rec.path;
         let file = &mut b.file;
@@ -433,6 +468,7 @@ impl Applier {
                 )));
             }
         }
+        b.sealed = true;
         Ok(())
     }
 
@@ -547,9 +583,23 @@ impl Applier {
                 fail_all(&mut items, &ApplyError::from(e));
             }
         }
+        // Many files of a batch share their parents: each directory is checked (or made) once.
+        let mut dirs_ok: std::collections::HashSet<RelPath> = std::collections::HashSet::new();
         for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+            let parent = it.rec.path.parent();
+            if parent
+                .as_ref()
+                .is_some_and(|p| p.is_root() || dirs_ok.contains(p))
+            {
+                continue;
+            }
             match self.make_parents(&it.rec.path) {
-                Ok(created) => it.to_scan = created,
+                Ok(created) => {
+                    it.to_scan = created;
+                    if let Some(p) = parent {
+                        dirs_ok.insert(p);
+                    }
+                }
                 Err(e) => it.result = Err(e),
             }
         }
@@ -570,13 +620,28 @@ impl Applier {
                     let path = it.rec.path.clone();
                     let cur = ix.get(&path)?;
                     let step = (|| {
-                        if !same_version(cur.as_ref().map(|s| &s.record), it.expected.as_ref())
-                            || !self.disk_matches(&path, cur.as_ref())?
-                        {
+                        if !same_version(cur.as_ref().map(|s| &s.record), it.expected.as_ref()) {
                             return Err(ApplyError::LocalChange(path.clone()));
                         }
+                        // What `disk_matches` and `place` do, resolving the path and looking at
+                        // it once instead of three times (a few syscalls per file add up).
                         let full = self.full(&path)?;
-                        self.place(&mut it.guard, &path, &full, None, &mut it.to_scan)
+                        let md = lstat(&full).map_err(|e| ctx_err(&path, e))?;
+                        if !self.md_matches(&full, md.as_ref(), cur.as_ref()) {
+                            return Err(ApplyError::LocalChange(path.clone()));
+                        }
+                        if md.is_some_and(|m| m.is_dir()) {
+                            self.clear(&path, &full)?;
+                        }
+                        let tmp_path = it
+                            .guard
+                            .0
+                            .clone()
+                            .ok_or_else(|| ApplyError::Other("temp file vanished".into()))?;
+                        std::fs::rename(&tmp_path, &full).map_err(|e| ctx_err(&path, e))?;
+                        it.guard.0 = None;
+                        let md = std::fs::symlink_metadata(&full).map_err(|e| ctx_err(&path, e))?;
+                        Ok(Some(StatKey::of(&md)))
                     })();
                     match step {
                         Ok(stat) => {

@@ -50,7 +50,16 @@ const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
 /// At most this many files per batch (and fetched files waiting for one).
-const FINISH_BATCH: usize = 256;
+const FINISH_BATCH: usize = 512;
+/// Files at most this big are fetched many per request (`GetBatch`, see [`Engine::fetch_group`]),
+/// up to `GROUP_FILES` files or `GROUP_BYTES` bytes per group; a group takes `GROUP_SLOTS` pull
+/// slots, so a few groups overlap their round trips, reads and writes.
+const GROUP_MAX_FILE: u64 = 1024 * 1024;
+const GROUP_FILES: usize = 64;
+const GROUP_BYTES: u64 = 4 * 1024 * 1024;
+const GROUP_SLOTS: u32 = 8;
+/// Groups of fetched files queued for the finisher.
+const FINISH_QUEUE: usize = 8;
 
 /// A file fetched into the temp folder, waiting for the finisher.
 struct Fetched {
@@ -84,6 +93,9 @@ pub struct Engine {
     my_id: DeviceId,
     applier: Arc<Applier>,
     db: Arc<Mutex<SyncDb>>,
+    /// A connection of its own for `status`: its walk over both indexes (tens of ms at 10k
+    /// files) must not hold `db`, which the puller needs for every file it plans and installs.
+    status_db: Mutex<Option<SyncDb>>,
     peers: Mutex<HashMap<DeviceId, PeerSlot>>,
     dialers: Mutex<BTreeSet<DeviceId>>,
     dirty: Mutex<BTreeSet<RelPath>>,
@@ -179,6 +191,7 @@ impl Engine {
         rescan_every: Duration,
         on_demand: bool,
     ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+        raise_fd_limit();
         let b = ctx.local.dir.clone();
         let tmp = b.tmp_dir().join("sync");
         std::fs::create_dir_all(&tmp)?;
@@ -241,6 +254,7 @@ impl Engine {
             me,
             applier,
             db,
+            status_db: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             dialers: Mutex::new(BTreeSet::new()),
             dirty: Mutex::new(BTreeSet::new()),
@@ -853,6 +867,7 @@ impl Engine {
                 first,
                 hashes,
             } => self.serve_blocks(path, first, hashes, false, out).await,
+            SyncRequest::GetBatch { runs } => self.serve_batch(runs, out).await,
             SyncRequest::Bye => {
                 let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
                 if self.is_current(conn) {
@@ -1036,6 +1051,106 @@ impl Engine {
         }
     }
 
+    /// Answer a `GetBatch`: one blocking task reads the runs in order (each file opened once,
+    /// through `open_beneath`, every block checked against its hash as `GetBlocks` does) and
+    /// hands answer frames of about [`proto::BATCH_FRAME_BYTES`] to this task, which sends them;
+    /// the channel of one frame bounds what is held in memory however big the batch.
+    async fn serve_batch(&self, runs: Vec<proto::BlockRun>, mut out: Responder) -> String {
+        let blocks: usize = runs.iter().map(|r| r.hashes.len()).sum();
+        let bad_run = runs
+            .iter()
+            .any(|r| r.hashes.is_empty() || r.hashes.len() > proto::MAX_BLOCKS_PER_REQUEST);
+        if runs.is_empty()
+            || runs.len() > proto::MAX_RUNS_PER_BATCH
+            || blocks > proto::MAX_BLOCKS_PER_BATCH
+            || bad_run
+        {
+            let _ = out
+                .error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "between 1 and {} runs of 1 to {} blocks, at most {} blocks in all",
+                        proto::MAX_RUNS_PER_BATCH,
+                        proto::MAX_BLOCKS_PER_REQUEST,
+                        proto::MAX_BLOCKS_PER_BATCH
+                    ),
+                )
+                .await;
+            return "bad request".into();
+        }
+        let n = runs.len();
+        let root = self.ctx.local.dir.root.clone();
+        let locks = self.ctx.locks.clone();
+        let local = self.ctx.local.clone();
+        let (tx, mut rx) = mpsc::channel::<Vec<proto::RunAnswer>>(1);
+        let reader = tokio::task::spawn_blocking(move || -> Vec<String> {
+            let mut corrupt = Vec::new();
+            let mut frame = Vec::new();
+            let mut bytes = 0usize;
+            for run in runs {
+                let answer = match read_run(&root, &locks, &local, &run) {
+                    Ok(blocks) => {
+                        bytes += blocks.iter().map(|b| b.len()).sum::<usize>();
+                        proto::RunAnswer::Blocks(
+                            blocks.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+                        )
+                    }
+                    Err(RunError {
+                        code,
+                        message,
+                        corrupt: c,
+                    }) => {
+                        if c {
+                            corrupt.push(message.clone());
+                        }
+                        proto::RunAnswer::Failed { code, message }
+                    }
+                };
+                frame.push(answer);
+                if bytes >= proto::BATCH_FRAME_BYTES {
+                    bytes = 0;
+                    if tx.blocking_send(std::mem::take(&mut frame)).is_err() {
+                        return corrupt;
+                    }
+                }
+            }
+            if !frame.is_empty() {
+                let _ = tx.blocking_send(frame);
+            }
+            corrupt
+        });
+        let mut cancelled = false;
+        while let Some(frame) = rx.recv().await {
+            if out
+                .send(Response::Sync(SyncResponse::Runs(frame)))
+                .await
+                .is_err()
+            {
+                // Dropping the receiver stops the reader at its next frame.
+                cancelled = true;
+                break;
+            }
+        }
+        drop(rx);
+        match reader.await {
+            Ok(corrupt) => {
+                for msg in corrupt {
+                    tracing::error!("{msg}");
+                    self.set_error(msg);
+                }
+            }
+            Err(e) => {
+                let _ = out.error(ErrorCode::Internal, e.to_string()).await;
+                return "failed".into();
+            }
+        }
+        if cancelled {
+            return "cancelled".into();
+        }
+        let _ = out.end(Response::Done).await;
+        format!("ok, {n} runs")
+    }
+
     // ---------------------------------------------------------------- pulling
 
     async fn puller(self: Arc<Self>) {
@@ -1154,7 +1269,7 @@ impl Engine {
         // first) wait until every file is in place, so a renamed file can still copy its blocks
         // from the old path.
         let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
-        let (fin_tx, fin_rx) = mpsc::channel::<Fetched>(FINISH_BATCH);
+        let (fin_tx, fin_rx) = mpsc::channel::<Vec<Fetched>>(FINISH_QUEUE);
         let finisher = tokio::spawn(self.clone().finisher(fin_rx));
         let mut deletes = Vec::new();
         let mut rest = paths.into_iter().peekable();
@@ -1197,12 +1312,51 @@ impl Engine {
                     _ => files.push(pl),
                 }
             }
+            // Plain directory installs of the chunk in one blocking call (a tree of a few
+            // hundred directories was as many thread-pool hops, one after the other); the rest
+            // one at a time, in the same (parents-first) order.
+            let mut plain_dirs = Vec::new();
             for pl in dirs {
-                self.execute(pl).await;
+                match &pl.action {
+                    Action::Install(r) if r.kind == Kind::Dir && !self.stopping() => {
+                        plain_dirs.push(pl)
+                    }
+                    _ => {
+                        self.install_dirs(std::mem::take(&mut plain_dirs)).await;
+                        self.execute(pl).await;
+                    }
+                }
+            }
+            self.install_dirs(plain_dirs).await;
+            // Small new files go many per request (grouped by the peer that has them); the
+            // rest one task each.
+            let mut groups: BTreeMap<String, (Vec<Planned>, u64)> = BTreeMap::new();
+            let mut singles = Vec::new();
+            for pl in files {
+                match &pl.action {
+                    Action::Install(r) if r.kind == Kind::File && r.size <= GROUP_MAX_FILE => {
+                        let size = r.size;
+                        let g = groups.entry(pl.peer.clone()).or_default();
+                        g.0.push(pl);
+                        g.1 += size;
+                        if g.0.len() >= GROUP_FILES || g.1 >= GROUP_BYTES {
+                            let (group, _) = std::mem::take(g);
+                            if !self.start_group(group, &sem, &fin_tx).await {
+                                break;
+                            }
+                        }
+                    }
+                    _ => singles.push(pl),
+                }
+            }
+            for (_, (group, _)) in groups {
+                if !group.is_empty() && !self.start_group(group, &sem, &fin_tx).await {
+                    break;
+                }
             }
             // Detached tasks bounded by the semaphore, not a JoinSet: a JoinSet keeps every
             // finished task's allocation until it is joined.
-            for pl in files {
+            for pl in singles {
                 let size = match &pl.action {
                     Action::Install(r) | Action::Conflict { record: r, .. } => r.size,
                     _ => 0,
@@ -1235,6 +1389,186 @@ impl Engine {
         }
     }
 
+    /// Install planned directories (plain installs, parents first) in one blocking call.
+    async fn install_dirs(self: &Arc<Self>, dirs: Vec<Planned>) {
+        if dirs.is_empty() {
+            return;
+        }
+        let metas: Vec<(RelPath, bool)> =
+            dirs.iter().map(|pl| (pl.path.clone(), pl.multi)).collect();
+        let ap = self.applier.clone();
+        let res = blocking(move || {
+            dirs.into_iter()
+                .map(|pl| match pl.action {
+                    Action::Install(r) => ap.install_other(r, pl.local.as_ref(), None),
+                    _ => Err(ApplyError::Other(format!(
+                        "{}: not a directory install",
+                        pl.path
+                    ))),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match res {
+            Ok(results) => {
+                for ((path, multi), r) in metas.into_iter().zip(results) {
+                    self.settle(path, multi, None, r);
+                }
+            }
+            Err(e) => {
+                for (path, multi) in metas {
+                    let err = ApplyError::Other(format!("{path}: {e:#}"));
+                    self.settle(path, multi, None, Err(err));
+                }
+            }
+        }
+    }
+
+    /// Start fetching a group of small files in a task of its own (bounded by the pull slots);
+    /// false when the slots are gone (shutting down).
+    async fn start_group(
+        self: &Arc<Self>,
+        group: Vec<Planned>,
+        sem: &Arc<tokio::sync::Semaphore>,
+        fin: &mpsc::Sender<Vec<Fetched>>,
+    ) -> bool {
+        let Ok(permit) = sem.clone().acquire_many_owned(GROUP_SLOTS).await else {
+            return false;
+        };
+        let me = self.clone();
+        let fin = fin.clone();
+        tokio::spawn(async move {
+            me.fetch_group(group, &fin).await;
+            drop(permit);
+        });
+        true
+    }
+
+    /// Fetch a group of small new files from one peer and hand them to the finisher: one
+    /// blocking call builds every temp file from local blocks, one `GetBatch` (or a few) brings
+    /// all the missing blocks, one blocking call checks and writes them. Per file that replaces
+    /// a task, an RPC with its frames and wake-ups, and three thread-pool hops.
+    async fn fetch_group(self: &Arc<Self>, group: Vec<Planned>, fin: &mpsc::Sender<Vec<Fetched>>) {
+        if self.stopping() {
+            return;
+        }
+        let Some(peer) = group.first().map(|pl| pl.peer.clone()) else {
+            return;
+        };
+        let metas: Vec<(RelPath, bool)> =
+            group.iter().map(|pl| (pl.path.clone(), pl.multi)).collect();
+        let ap = self.applier.clone();
+        let prepared = blocking(move || prepare_group(&ap, group)).await;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                for (path, multi) in metas {
+                    let err = ApplyError::Other(format!("{path}: {e:#}"));
+                    self.settle(path, multi, None, Err(err));
+                }
+                return;
+            }
+        };
+        let mut ready: Vec<Fetched> = Vec::new();
+        let mut fetch: Vec<Fetched> = Vec::new();
+        for (pl, res) in prepared {
+            match res {
+                Ok(None) => self.settle(pl.path, pl.multi, None, Ok(Vec::new())),
+                Ok(Some(building)) => {
+                    self.stats
+                        .bytes_reused
+                        .fetch_add(building.reused, Ordering::Relaxed);
+                    if building.missing.is_empty() {
+                        ready.push(Fetched { pl, building });
+                    } else {
+                        fetch.push(Fetched { pl, building });
+                    }
+                }
+                Err(e) => self.settle(pl.path, pl.multi, None, Err(e)),
+            }
+        }
+        if !fetch.is_empty() {
+            let answers = match self.conn_for(&peer) {
+                Some(conn) => fetch_batch(&conn, &fetch).await,
+                None => Err(ApplyError::Unavailable(RelPath::root())),
+            };
+            match answers {
+                Ok(answers) => {
+                    let fetch_metas: Vec<(RelPath, bool)> = fetch
+                        .iter()
+                        .map(|f| (f.pl.path.clone(), f.pl.multi))
+                        .collect();
+                    // Check (SHA-256 per block) and write every block, and seal the files here
+                    // rather than in the finisher, which is one task for all groups.
+                    let ap = self.applier.clone();
+                    let written = blocking(move || {
+                        fetch
+                            .into_iter()
+                            .zip(answers)
+                            .map(|(mut f, blocks)| {
+                                let res = blocks.and_then(|blocks| {
+                                    let mut n = 0u64;
+                                    for (i, d) in blocks {
+                                        f.building.write_block(i, &d)?;
+                                        n += d.len() as u64;
+                                    }
+                                    ap.seal(&mut f.building)?;
+                                    Ok(n)
+                                });
+                                (f, res)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await;
+                    match written {
+                        Ok(written) => {
+                            for (f, res) in written {
+                                match res {
+                                    Ok(n) => {
+                                        self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                                        ready.push(f);
+                                    }
+                                    Err(e) => self.settle(f.pl.path, f.pl.multi, None, Err(e)),
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            // The temp files went with the failed worker; the paths are retried.
+                            for (path, multi) in fetch_metas {
+                                let err = ApplyError::Other(format!("{path}: {e:#}"));
+                                self.settle(path, multi, None, Err(err));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    for f in fetch {
+                        let err = match &e {
+                            ApplyError::Unavailable(_) => {
+                                ApplyError::Unavailable(f.pl.path.clone())
+                            }
+                            other => ApplyError::Other(format!("{}: {other}", f.pl.path)),
+                        };
+                        self.settle(f.pl.path, f.pl.multi, None, Err(err));
+                    }
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let metas: Vec<(RelPath, bool)> = ready
+            .iter()
+            .map(|f| (f.pl.path.clone(), f.pl.multi))
+            .collect();
+        if fin.send(ready).await.is_err() {
+            for (path, multi) in metas {
+                let err = ApplyError::Other(format!("{path}: finisher gone"));
+                self.settle(path, multi, None, Err(err));
+            }
+        }
+    }
+
     async fn execute(self: &Arc<Self>, pl: Planned) {
         if self.stopping() {
             return;
@@ -1251,7 +1585,7 @@ impl Engine {
 
     /// A plain install of a file, fetched here and handed to the finisher to be put in place with
     /// others (see [`Applier::finish_files`]).
-    async fn execute_batched(self: &Arc<Self>, pl: Planned, finisher: &mpsc::Sender<Fetched>) {
+    async fn execute_batched(self: &Arc<Self>, pl: Planned, finisher: &mpsc::Sender<Vec<Fetched>>) {
         if self.stopping() {
             return;
         }
@@ -1262,7 +1596,7 @@ impl Engine {
             Ok(None) => self.settle(pl.path, pl.multi, None, Ok(Vec::new())),
             Ok(Some(building)) => {
                 let (path, multi) = (pl.path.clone(), pl.multi);
-                if finisher.send(Fetched { pl, building }).await.is_err() {
+                if finisher.send(vec![Fetched { pl, building }]).await.is_err() {
                     self.settle(
                         path.clone(),
                         multi,
@@ -1278,14 +1612,16 @@ impl Engine {
     /// Put fetched files in place in batches: whatever has arrived while the previous batch was
     /// being committed forms the next one, so a lone file goes at once and a flood of small files
     /// shares its fsyncs and index commits.
-    async fn finisher(self: Arc<Self>, mut rx: mpsc::Receiver<Fetched>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
+    async fn finisher(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<Fetched>>) {
+        while let Some(mut batch) = rx.recv().await {
             while batch.len() < FINISH_BATCH {
                 match rx.try_recv() {
-                    Ok(f) => batch.push(f),
+                    Ok(f) => batch.extend(f),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() {
+                continue;
             }
             let metas: Vec<(RelPath, bool)> = batch
                 .iter()
@@ -1565,14 +1901,28 @@ impl Engine {
         // Streams over both indexes (merge by path): a status poll must not cost memory in
         // proportion to the number of files.
         let (mut files, mut conflicts) = (0u64, 0u64);
-        let _ = lock(&self.db).for_each_local_light(|r| {
+        let mut count_local = |r: &Record| {
             if !r.deleted {
                 files += 1;
                 if planner::is_conflict_copy(&r.path) {
                     conflicts += 1;
                 }
             }
-        });
+        };
+        let mut sdb = lock(&self.status_db);
+        if sdb.is_none() {
+            match SyncDb::open_reader(&self.ctx.local.dir) {
+                Ok(d) => *sdb = Some(d),
+                Err(e) => return serde_json::json!({"error": format!("{e:#}")}),
+            }
+        }
+        let Some(sdb) = sdb.as_ref() else {
+            return serde_json::json!({"error": "no status connection"});
+        };
+        let pinned = self.ctx.peers.current();
+        if pinned.is_empty() {
+            let _ = sdb.for_each_local_light(|r| count_local(&r));
+        }
         let mut peers_json = Vec::new();
         let cfg = self.ctx.local.dir.load_config().ok();
         let ignore = IgnoreRules::load(&self.ctx.local.dir);
@@ -1581,10 +1931,16 @@ impl Engine {
         let (mut in_files, mut in_bytes) = (0u64, 0u64);
         let (mut online_files, mut online_bytes) = (0u64, 0u64);
         let mut online_seen: HashSet<RelPath> = HashSet::new();
-        for id in self.ctx.peers.current() {
+        for (k, id) in pinned.into_iter().enumerate() {
             let peer = id.to_string();
             let (mut nf, mut nb, mut of, mut ob) = (0u64, 0u64, 0u64, 0u64);
-            let _ = lock(&self.db).merge_with_remote(&peer, |l, r| {
+            // The local side is counted during the first peer's walk (one pass, not two).
+            let _ = sdb.merge_with_remote(&peer, |l, r| {
+                if k == 0 {
+                    if let Some(l) = &l {
+                        count_local(l);
+                    }
+                }
                 let Some(r) = r else {
                     // Only here: the peer still needs it unless it is a tombstone.
                     if let Some(l) = l.filter(|l| !l.deleted) {
@@ -1687,6 +2043,28 @@ impl Engine {
     }
 }
 
+/// Raise the soft limit on open files to the hard one: files being built stay open until their
+/// batch is put in place (several hundred at a time with many small files), more than the usual
+/// soft default of 1024 leaves room for next to sockets, the index and a mount.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::debug!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 /// Is `p` (a file, link or absent path; never a directory, whose children may have changed
 /// unseen) exactly as the index describes it? Then an event about it needs no scan.
 fn unchanged(root: &std::path::Path, ix: &crate::index::Index, p: &RelPath) -> bool {
@@ -1715,6 +2093,212 @@ struct Planned {
     local: Option<Record>,
     action: Action,
     multi: bool,
+}
+
+/// The temp files for planned installs of small files (`None` for a file whose local version
+/// already has that content: only its metadata is set, here).
+#[allow(clippy::type_complexity)]
+fn prepare_group(
+    ap: &Applier,
+    group: Vec<Planned>,
+) -> Vec<(Planned, Result<Option<Building>, ApplyError>)> {
+    let mut out = Vec::with_capacity(group.len());
+    let mut build = Vec::new();
+    for pl in group {
+        let Action::Install(rec) = &pl.action else {
+            let e = ApplyError::Other(format!("{}: not an install", pl.path));
+            out.push((pl, Err(e)));
+            continue;
+        };
+        let live = pl.local.as_ref().filter(|l| !l.deleted);
+        if let Some(l) = live {
+            if l.kind == Kind::File && l.same_content(rec) {
+                let res = ap.set_meta(rec.clone(), pl.local.as_ref()).map(|()| None);
+                out.push((pl, res));
+                continue;
+            }
+        }
+        build.push(pl);
+    }
+    let recs: Vec<(&Record, bool)> = build
+        .iter()
+        .filter_map(|pl| match &pl.action {
+            Action::Install(r) => Some((r, pl.local.as_ref().is_some_and(|l| !l.deleted))),
+            _ => None,
+        })
+        .collect();
+    let built = ap.prepare_files(&recs);
+    drop(recs);
+    for (pl, b) in build.into_iter().zip(built) {
+        out.push((pl, b.map(Some)));
+    }
+    out
+}
+
+/// Blocks of one file fetched by a batch: (block index, data), or why they are not here.
+type FileBlocks = Result<Vec<(u64, Vec<u8>)>, ApplyError>;
+
+/// Fetch the missing blocks of every file of `files` with `GetBatch` requests (as few as the
+/// per-request limits allow); one answer per file, in order. `Err` only when the requests
+/// themselves failed (the connection, or a refusal of the whole batch).
+async fn fetch_batch(conn: &Conn, files: &[Fetched]) -> Result<Vec<FileBlocks>, ApplyError> {
+    // Every run, tagged with its file.
+    let mut all: Vec<(usize, proto::BlockRun)> = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        let b = &f.building;
+        for run in runs(&b.missing, proto::MAX_BLOCKS_PER_REQUEST) {
+            let hashes = run.iter().map(|i| b.rec.blocks[*i as usize]).collect();
+            all.push((
+                fi,
+                proto::BlockRun {
+                    path: b.rec.path.clone(),
+                    first: run[0],
+                    hashes,
+                },
+            ));
+        }
+    }
+    let mut out: Vec<FileBlocks> = files.iter().map(|_| Ok(Vec::new())).collect();
+    let mut rest = all.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut tags = Vec::new();
+        let mut req = Vec::new();
+        let mut blocks = 0usize;
+        while let Some((_, r)) = rest.peek() {
+            if !req.is_empty()
+                && (req.len() >= proto::MAX_RUNS_PER_BATCH
+                    || blocks + r.hashes.len() > proto::MAX_BLOCKS_PER_BATCH)
+            {
+                break;
+            }
+            let Some((fi, r)) = rest.next() else { break };
+            blocks += r.hashes.len();
+            tags.push((fi, r.first, r.hashes.len()));
+            req.push(r);
+        }
+        let mut s = conn
+            .request(Request::Sync(SyncRequest::GetBatch { runs: req }))
+            .await
+            .map_err(|e| ApplyError::Other(format!("batch request: {e}")))?;
+        let mut next = 0usize;
+        loop {
+            match s.next().await {
+                Ok(Some(Response::Sync(SyncResponse::Runs(answers)))) => {
+                    for a in answers {
+                        let Some(&(fi, first, want)) = tags.get(next) else {
+                            return Err(ApplyError::Other("batch: too many answers".into()));
+                        };
+                        next += 1;
+                        let path = &files[fi].building.rec.path;
+                        let Ok(got) = &mut out[fi] else { continue };
+                        match a {
+                            proto::RunAnswer::Blocks(bs) if bs.len() == want => {
+                                for (k, d) in bs.into_iter().enumerate() {
+                                    got.push((first + k as u64, d.into_vec()));
+                                }
+                            }
+                            proto::RunAnswer::Blocks(_) => {
+                                out[fi] = Err(ApplyError::Other(format!(
+                                    "{path}: wrong number of blocks"
+                                )));
+                            }
+                            proto::RunAnswer::Failed { code, message } => {
+                                out[fi] = Err(match code {
+                                    ErrorCode::Busy => ApplyError::Busy(path.clone()),
+                                    _ => ApplyError::Other(message),
+                                });
+                            }
+                        }
+                    }
+                }
+                Ok(Some(Response::Done)) | Ok(None) => break,
+                Ok(Some(other)) => {
+                    return Err(ApplyError::Other(format!("batch: unexpected {other:?}")))
+                }
+                Err(e) => return Err(ApplyError::Other(format!("batch: {e}"))),
+            }
+        }
+        if next != tags.len() {
+            return Err(ApplyError::Other("batch: short answer".into()));
+        }
+    }
+    Ok(out)
+}
+
+/// Why a run of a batch was not served.
+struct RunError {
+    code: ErrorCode,
+    message: String,
+    /// The disk holds bytes that do not match a hash recorded for the same stat key.
+    corrupt: bool,
+}
+
+fn run_err(code: ErrorCode, message: String) -> RunError {
+    RunError {
+        code,
+        message,
+        corrupt: false,
+    }
+}
+
+/// Read one run of a `GetBatch` for a peer: the same checks as `GetBlocks` (no symlinked
+/// parent, `open_beneath`, a shared lock so a file being written is never shipped, every block
+/// hashed against what was announced), except that a file being written is refused at once as
+/// busy (the asker retries it) instead of holding up the rest of the batch.
+fn read_run(
+    root: &std::path::Path,
+    locks: &Arc<crate::locks::LockManager>,
+    local: &crate::query::LocalBox,
+    run: &proto::BlockRun,
+) -> Result<Vec<Vec<u8>>, RunError> {
+    let p = &run.path;
+    crate::paths::resolve_no_follow(root, p)
+        .map_err(|e| run_err(ErrorCode::BadPath, e.to_string()))?;
+    let _g = locks
+        .try_lock(p, crate::locks::Mode::Shared)
+        .ok_or_else(|| run_err(ErrorCode::Busy, format!("{p}: being written")))?;
+    let f = crate::paths::open_beneath(root, p)
+        .map_err(|e| run_err(ErrorCode::NotFound, format!("{p}: {e}")))?;
+    let md = f
+        .metadata()
+        .map_err(|e| run_err(ErrorCode::Io, e.to_string()))?;
+    if !md.is_file() {
+        return Err(run_err(
+            ErrorCode::NotAFile,
+            format!("{p}: not a regular file"),
+        ));
+    }
+    let mut out = Vec::with_capacity(run.hashes.len());
+    for (k, h) in run.hashes.iter().enumerate() {
+        let i = run.first.saturating_add(k as u64);
+        match apply::read_block(&f, i, md.len(), h) {
+            Ok(Some(b)) => out.push(b),
+            Ok(None) => {
+                let recorded = local
+                    .index
+                    .lock()
+                    .ok()
+                    .and_then(|ix| ix.get(p).ok().flatten())
+                    .and_then(|s| s.stat);
+                if recorded == Some(crate::hashing::StatKey::of(&md)) {
+                    return Err(RunError {
+                        code: ErrorCode::Changed,
+                        message: format!(
+                            "{p}: block {i} on disk does not match its recorded hash \
+                             (silent corruption?); not served"
+                        ),
+                        corrupt: true,
+                    });
+                }
+                return Err(run_err(
+                    ErrorCode::Changed,
+                    format!("{p}: changed since it was announced"),
+                ));
+            }
+            Err(e) => return Err(run_err(ErrorCode::Changed, format!("{p}: {e}"))),
+        }
+    }
+    Ok(out)
 }
 
 /// Ask `conn` for the blocks `first..first + hashes.len()` of `path`; returns them in order.

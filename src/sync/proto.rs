@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Record;
 use crate::paths::RelPath;
+use crate::protocol::ErrorCode;
 
 /// Records per `Response::Records` page.
 pub const RECORDS_PER_FRAME: usize = 2000;
@@ -19,6 +20,29 @@ pub const RECORD_BYTES_PER_FRAME: usize = 6 * 1024 * 1024;
 /// Blocks one `GetBlocks` may ask for (2 MiB of data with 128 KiB blocks): the server holds them
 /// in memory while it answers, so this bounds a request's footprint.
 pub const MAX_BLOCKS_PER_REQUEST: usize = 16;
+/// Runs one `GetBatch` may ask for, and blocks in all of them: a batch is streamed (the server
+/// holds at most one answer frame and one run in memory), so these bound work, not memory.
+pub const MAX_RUNS_PER_BATCH: usize = 256;
+pub const MAX_BLOCKS_PER_BATCH: usize = 1024;
+/// An answer frame of a batch is sent once it holds this many bytes of block data.
+pub const BATCH_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Blocks `first, first+1, ...` of `path`, expected to hash to `hashes`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockRun {
+    pub path: RelPath,
+    pub first: u64,
+    pub hashes: Vec<[u8; 32]>,
+}
+
+/// The answer to one run of a `GetBatch`, in request order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RunAnswer {
+    /// Every block of the run, in order.
+    Blocks(Vec<serde_bytes::ByteBuf>),
+    /// None of them (the same refusals as `GetBlocks`: changed, busy, not found, ...).
+    Failed { code: ErrorCode, message: String },
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SyncRequest {
@@ -35,6 +59,11 @@ pub enum SyncRequest {
         first: u64,
         hashes: Vec<[u8; 32]>,
     },
+    /// Many runs (typically whole small files) in one request: answered by
+    /// `SyncResponse::Runs` frames carrying one `RunAnswer` per run in request order, then
+    /// `Response::Done`. One request, one server task and a few frames for hundreds of small
+    /// files, where `GetBlocks` costs that per file.
+    GetBatch { runs: Vec<BlockRun> },
     /// The sender is going away (shutdown).
     Bye,
     /// As `GetBlocks`, but the server may skip hashing the blocks it reads when the file's stat
@@ -56,6 +85,7 @@ impl SyncRequest {
             SyncRequest::IndexSince { .. } => "index-since",
             SyncRequest::IndexChanged { .. } => "index-changed",
             SyncRequest::GetBlocks { .. } => "get-blocks",
+            SyncRequest::GetBatch { .. } => "get-batch",
             SyncRequest::Bye => "bye",
             SyncRequest::GetIndexedBlocks { .. } => "get-indexed-blocks",
         }
@@ -72,6 +102,8 @@ pub enum SyncResponse {
         current_max: u64,
     },
     Ack,
+    /// Answers to consecutive runs of a `GetBatch`.
+    Runs(Vec<RunAnswer>),
 }
 
 /// Rough encoded size of a record, for paging.

@@ -75,6 +75,15 @@ impl SyncDb {
         Ok(SyncDb { conn })
     }
 
+    /// A read-only connection for long walks over both indexes (`status`). Not memory-mapped:
+    /// a walk touches every page, and mapped pages count in the daemon's resident memory (at
+    /// 100k files that alone put the receiver past 100 MB).
+    pub fn open_reader(b: &BoxDir) -> anyhow::Result<SyncDb> {
+        let db = SyncDb::open(b)?;
+        db.conn.pragma_update(None, "query_only", true)?;
+        Ok(db)
+    }
+
     pub fn open_in_memory() -> anyhow::Result<SyncDb> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
