@@ -295,6 +295,19 @@ pub fn hash_file_stable_for_sync(
     })
 }
 
+/// [`hash_file_stable`] without MD5: see [`hash_reader_without_md5`].
+pub fn hash_file_stable_without_md5(
+    root: &Path,
+    rel: &crate::paths::RelPath,
+) -> Result<(ContentHashes, StatKey), HashError> {
+    stable(root, rel, |f, n| {
+        hash_reader_without_md5(f, n).map(|h| {
+            let size = h.size;
+            (h, size)
+        })
+    })
+}
+
 fn stable<T>(
     root: &Path,
     rel: &crate::paths::RelPath,
@@ -374,9 +387,35 @@ impl BlockHasher {
 /// included, it is cheap there); above it, no MD5, and the whole-file and per-block SHA-256
 /// run on two threads, so a 1 GiB file takes one SHA-256 pass of wall time instead of the
 /// MD5's 1.6 s.
-pub fn hash_reader_for_sync(mut r: impl Read, size_hint: u64) -> io::Result<ContentHashes> {
+pub fn hash_reader_for_sync(r: impl Read, size_hint: u64) -> io::Result<ContentHashes> {
     if size_hint < PARALLEL_THRESHOLD {
         return hash_reader(r, size_hint).map(ContentHashes::from);
+    }
+    hash_reader_without_md5(r, size_hint)
+}
+
+/// SHA-256 of the whole and of every block, never MD5 (for a writer's commits through the
+/// mount: the MD5 filler completes them in the background, off the writer's CPU).
+pub fn hash_reader_without_md5(mut r: impl Read, size_hint: u64) -> io::Result<ContentHashes> {
+    if size_hint < PARALLEL_THRESHOLD {
+        let mut h = StreamHasher::new();
+        let mut buf = vec![0u8; CHUNK.min(size_hint.max(4096) as usize + 1)];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update_sha(&buf[..n]);
+        }
+        let done = h.finish();
+        return Ok(ContentHashes {
+            md5: None,
+            sha256: done.sha256,
+            blocks: done.blocks,
+            size: done.size,
+        });
     }
     let (whole_tx, whole_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
     let (blocks_tx, blocks_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
@@ -504,6 +543,12 @@ mod tests {
             assert_eq!(got.size, want.size);
             let large = len as u64 >= PARALLEL_THRESHOLD;
             assert_eq!(got.md5, (!large).then_some(want.md5), "len {len}");
+            let bare = hash_reader_without_md5(&data[..], len as u64).unwrap();
+            assert_eq!(
+                (bare.md5, bare.sha256, &bare.blocks, bare.size),
+                (None, want.sha256, &want.blocks, want.size),
+                "len {len}"
+            );
         }
     }
 

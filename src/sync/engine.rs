@@ -145,6 +145,7 @@ fn fill_md5s(local: &crate::query::LocalBox) -> anyhow::Result<usize> {
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock"))?
         .missing_md5(256)?;
+    tracing::debug!("md5 filler: {} files without an MD5", todo.len());
     let mut filled = 0;
     for (path, stat) in todo {
         match crate::hashing::md5_of(&local.dir.root, &path) {
@@ -158,7 +159,7 @@ fn fill_md5s(local: &crate::query::LocalBox) -> anyhow::Result<usize> {
                 }
             }
             // Changed since it was hashed: its rescan hashes it again.
-            Ok(_) => {}
+            Ok(_) => tracing::debug!("md5 of {path}: changed since it was hashed"),
             Err(e) => tracing::debug!("md5 of {path}: {e}"),
         }
     }
@@ -341,6 +342,8 @@ impl Engine {
         for p in paths {
             self.request_scan(p.clone());
         }
+        // The mount commits files without their MD5.
+        self.md5_wake.notify_one();
     }
 
     /// The record a pinned peer has for `path` that would be installed here (a file, directory

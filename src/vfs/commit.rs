@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::config::BoxDir;
-use crate::hashing::{hash_file_stable, StatKey};
+use crate::hashing::{hash_file_stable_without_md5, StatKey};
 use crate::index::Index;
 use crate::model::{Kind, Record, BLOCK_SIZE};
 use crate::paths::RelPath;
@@ -449,8 +449,10 @@ pub fn prepare_file(
             (None, None, blocks, stat)
         }
         None => {
-            let (h, key) = hash_file_stable(&b.root, path)?;
-            (Some(h.md5), Some(h.sha256), h.blocks, key)
+            // No MD5 here: only the query commands report it, and the engine's MD5 filler adds
+            // it in the background (at low priority), off the writer's way.
+            let (h, key) = hash_file_stable_without_md5(&b.root, path)?;
+            (h.md5, Some(h.sha256), h.blocks, key)
         }
     };
     if let Some(o) = &old {
