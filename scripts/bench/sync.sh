@@ -433,6 +433,9 @@ def one_byte_mybox(size):
             f.write(chunk[i % 7:] + chunk[:i % 7])
     a.start(); b.start()
     wait_synced(b, 1)
+    # The setup's own writes (this script's 1 GiB, not fsynced) must not be what the timed
+    # fsync of the receiver waits for: flush them first.
+    os.sync()
     time.sleep(1)
     before = tcp_bytes(a.proc.pid)
     t0 = time.time()

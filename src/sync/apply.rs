@@ -102,6 +102,10 @@ pub struct Building {
     pub reused: u64,
     /// Size, mode and mtime set and content checked ([`Applier::seal`]) ahead of the finisher.
     sealed: bool,
+    /// The large previous version this was copied from, kept open so that replacing it does
+    /// not free its blocks inside the rename (ext4 frees 1 GiB in about 0.2 s); closed in the
+    /// background once the new version is in place.
+    previous: Option<File>,
 }
 
 impl Building {
@@ -345,6 +349,7 @@ impl Applier {
         let nblocks = rec.blocks.len() as u64;
         let mut have = vec![false; nblocks as usize];
         let mut reused = 0u64;
+        let mut previous_file = None;
 
         // The previous version of the same file: most blocks of an edited file are unchanged, so
         // clone it whole (copy_file_range, in the kernel) and patch the rest.
@@ -369,6 +374,9 @@ impl Applier {
                         let copied = copy_with_writeback(&mut src, &mut file)
                             .map_err(|e| ctx_err("copying the previous version", e))?;
                         let after = src.metadata().map(|m| StatKey::of(&m)).ok();
+                        if copied >= KEEP_PREVIOUS_OPEN {
+                            previous_file = Some(src);
+                        }
                         if after == before && copied == old.record.size {
                             for (i, (a, b)) in
                                 rec.blocks.iter().zip(old.record.blocks.iter()).enumerate()
@@ -426,6 +434,7 @@ impl Applier {
             missing,
             reused,
             sealed: false,
+            previous: previous_file,
         })
     }
 
@@ -517,20 +526,28 @@ impl Applier {
             rec,
             file,
             mut guard,
+            previous,
             ..
         } = b;
         drop(file);
         let path = rec.path.clone();
         let mut to_scan = self.make_parents(&path)?;
         let mut placed = Vec::new();
-        self.commit(rec, expected, |full, _cur| {
+        let done = self.commit(rec, expected, |full, _cur| {
             let stat = self.place(&mut guard, &path, full, loser, &mut placed)?;
             if let Some(parent) = full.parent() {
                 // The rename is durable only once its directory is (and before the index says so).
                 sync_dir(parent).map_err(|e| ctx_err(&path, e))?;
             }
             Ok(stat)
-        })?;
+        });
+        if let Some(f) = previous {
+            // The last close of a replaced large file frees its blocks: not on this path.
+            let _ = std::thread::Builder::new()
+                .name("close-previous".into())
+                .spawn(move || drop(f));
+        }
+        done?;
         to_scan.extend(placed);
         Ok(to_scan)
     }
@@ -827,6 +844,9 @@ fn syncfs(f: &File) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Previous versions at least this large stay open until their replacement is in place.
+const KEEP_PREVIOUS_OPEN: u64 = 64 * 1024 * 1024;
 
 /// Copy `src` into `dst` in the kernel (copy_file_range) a slice at a time, starting each
 /// slice's writeback as soon as it is copied: the fsync before the rename then finds little
