@@ -274,12 +274,7 @@ pub fn hash_file_stable(
     root: &Path,
     rel: &crate::paths::RelPath,
 ) -> Result<(FileHashes, StatKey), HashError> {
-    stable(root, rel, |f, n| {
-        hash_reader(f, n).map(|h| {
-            let size = h.size;
-            (h, size)
-        })
-    })
+    stable(root, rel, |f: &File, n| hash_reader(f, n))
 }
 
 /// [`hash_file_stable`] for sync: see [`hash_reader_for_sync`].
@@ -287,12 +282,7 @@ pub fn hash_file_stable_for_sync(
     root: &Path,
     rel: &crate::paths::RelPath,
 ) -> Result<(ContentHashes, StatKey), HashError> {
-    stable(root, rel, |f, n| {
-        hash_reader_for_sync(f, n).map(|h| {
-            let size = h.size;
-            (h, size)
-        })
-    })
+    stable(root, rel, |f: &File, n| hash_reader_for_sync(f, n))
 }
 
 /// [`hash_file_stable`] without MD5: see [`hash_reader_without_md5`].
@@ -300,18 +290,30 @@ pub fn hash_file_stable_without_md5(
     root: &Path,
     rel: &crate::paths::RelPath,
 ) -> Result<(ContentHashes, StatKey), HashError> {
-    stable(root, rel, |f, n| {
-        hash_reader_without_md5(f, n).map(|h| {
-            let size = h.size;
-            (h, size)
-        })
-    })
+    stable(root, rel, |f: &File, n| hash_reader_without_md5(f, n))
 }
 
-fn stable<T>(
+/// What a hashing pass saw: how many bytes it read.
+trait HashedSize {
+    fn hashed_size(&self) -> u64;
+}
+
+impl HashedSize for FileHashes {
+    fn hashed_size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl HashedSize for ContentHashes {
+    fn hashed_size(&self) -> u64 {
+        self.size
+    }
+}
+
+fn stable<T: HashedSize>(
     root: &Path,
     rel: &crate::paths::RelPath,
-    hash: impl Fn(&File, u64) -> io::Result<(T, u64)>,
+    hash: impl Fn(&File, u64) -> io::Result<T>,
 ) -> Result<(T, StatKey), HashError> {
     for _ in 0..5 {
         let f = crate::paths::open_beneath(root, rel)?;
@@ -320,9 +322,9 @@ fn stable<T>(
             return Err(HashError::NotFile);
         }
         let key = StatKey::of(&before);
-        let (hashes, size) = hash(&f, key.size)?;
+        let hashes = hash(&f, key.size)?;
         let after = StatKey::of(&f.metadata()?);
-        if after == key && size == key.size {
+        if after == key && hashes.hashed_size() == key.size {
             return Ok((hashes, key));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
