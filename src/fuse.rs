@@ -104,25 +104,31 @@ fn attr(a: &Attr) -> FileAttr {
     }
 }
 
-/// The attributes of a negative lookup reply: only the inode number (0) matters.
-fn negative_entry() -> FileAttr {
+/// Attributes carrying nothing but an inode number, kind, permissions and link count: a negative
+/// lookup reply (inode 0) and the `.`/`..` entries of a listing, which the kernel does not link.
+fn bare_attr(ino: u64, kind: FileType, perm: u16, nlink: u32, blksize: u32) -> FileAttr {
     FileAttr {
-        ino: INodeNo(0),
+        ino: INodeNo(ino),
         size: 0,
         blocks: 0,
         atime: SystemTime::UNIX_EPOCH,
         mtime: SystemTime::UNIX_EPOCH,
         ctime: SystemTime::UNIX_EPOCH,
         crtime: SystemTime::UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
+        kind,
+        perm,
+        nlink,
         uid: 0,
         gid: 0,
         rdev: 0,
-        blksize: 0,
+        blksize,
         flags: 0,
     }
+}
+
+/// The attributes of a negative lookup reply: only the inode number (0) matters.
+fn negative_entry() -> FileAttr {
+    bare_attr(0, FileType::RegularFile, 0, 0, 0)
 }
 
 fn direct_or_cached(io: &IoMode) -> FopenFlags {
@@ -679,23 +685,7 @@ impl Filesystem for FuseFs {
             let next = offset + i as u64 + 1;
             if e.name == "." || e.name == ".." {
                 // The kernel does not link these; any attributes do.
-                let a = FileAttr {
-                    ino: INodeNo(e.ino),
-                    size: 0,
-                    blocks: 0,
-                    atime: SystemTime::UNIX_EPOCH,
-                    mtime: SystemTime::UNIX_EPOCH,
-                    ctime: SystemTime::UNIX_EPOCH,
-                    crtime: SystemTime::UNIX_EPOCH,
-                    kind: FileType::Directory,
-                    perm: 0o755,
-                    nlink: 2,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 4096,
-                    flags: 0,
-                };
+                let a = bare_attr(e.ino, FileType::Directory, 0o755, 2, 4096);
                 if reply.add(INodeNo(e.ino), next, &e.name, &TTL, &a, Generation(0)) {
                     break;
                 }

@@ -105,6 +105,17 @@ fn boxes() -> (TestBox, TestBox) {
     (a, b)
 }
 
+/// Paired boxes, B's daemon running, A mounted `--on-demand` (None where mounts are impossible).
+fn on_demand_pair() -> Option<(TestBox, TestBox, SyncMount)> {
+    if !can_mount() {
+        return None;
+    }
+    let (a, mut b) = boxes();
+    b.start();
+    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    Some((a, b, ma))
+}
+
 #[test]
 fn mount_write_reaches_the_peer_store_and_mount() {
     if !can_mount() {
@@ -218,12 +229,9 @@ fn mount_daemon_commands_work_from_inside() {
 
 #[test]
 fn mount_on_demand_placeholders_fetch_when_read() {
-    if !can_mount() {
+    let Some((a, mut b, ma)) = on_demand_pair() else {
         return;
-    }
-    let (a, mut b) = boxes();
-    b.start();
-    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    };
     let one: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
     let two: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
     fs::create_dir(b.path("data")).unwrap();
@@ -282,12 +290,9 @@ fn names_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn mount_on_demand_new_placeholder_shows_in_a_cached_listing() {
-    if !can_mount() {
+    let Some((a, b, ma)) = on_demand_pair() else {
         return;
-    }
-    let (a, mut b) = boxes();
-    b.start();
-    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    };
     fs::create_dir(b.path("inbox")).unwrap();
     b.write("inbox/first.txt", b"first");
     wait_for("the first placeholder", Duration::from_secs(10), || {
@@ -368,12 +373,9 @@ fn big_placeholder(a: &TestBox, b: &TestBox, ma: &SyncMount) -> Vec<u8> {
 fn mount_on_demand_read_at_an_offset_is_served_before_the_whole_file() {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    if !can_mount() {
+    let Some((a, b, ma)) = on_demand_pair() else {
         return;
-    }
-    let (a, mut b) = boxes();
-    b.start();
-    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    };
     let data = big_placeholder(&a, &b, &ma);
     // A read near the end, across a block boundary, right after the open: the stream starts at
     // the beginning, so only a fetch of these blocks ahead of it can answer before the whole
@@ -417,12 +419,9 @@ fn mount_on_demand_read_at_an_offset_is_served_before_the_whole_file() {
 #[test]
 fn mount_on_demand_read_fails_with_eio_when_the_peer_dies_mid_stream() {
     use std::os::unix::fs::FileExt;
-    if !can_mount() {
+    let Some((a, mut b, ma)) = on_demand_pair() else {
         return;
-    }
-    let (a, mut b) = boxes();
-    b.start();
-    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    };
     let data = big_placeholder(&a, &b, &ma);
     let f = File::open(ma.p("big.bin")).unwrap();
     let mut head = vec![0u8; 4096];
@@ -462,12 +461,9 @@ fn mount_on_demand_read_fails_with_eio_when_the_peer_dies_mid_stream() {
 #[test]
 fn mount_on_demand_placeholder_opened_for_writing_is_fetched_first() {
     use std::io::Write;
-    if !can_mount() {
+    let Some((_a, b, ma)) = on_demand_pair() else {
         return;
-    }
-    let (a, mut b) = boxes();
-    b.start();
-    let ma = SyncMount::start_with(&a, &["--on-demand"]);
+    };
     b.write("log.txt", b"first line\n");
     wait_for("the placeholder", Duration::from_secs(10), || {
         ma.p("log.txt").exists()

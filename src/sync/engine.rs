@@ -2313,12 +2313,7 @@ async fn fetch_run(
     first: u64,
     hashes: Vec<[u8; 32]>,
 ) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
-    let req = SyncRequest::GetIndexedBlocks {
-        path: path.clone(),
-        first,
-        hashes,
-    };
-    request_blocks(conn, path, first, req).await
+    fetch_blocks(conn, path, first, hashes, false).await
 }
 
 /// [`fetch_run`] with the sender hashing every block it reads: a corrupted block is refused
@@ -2329,10 +2324,28 @@ async fn fetch_run_checked(
     first: u64,
     hashes: Vec<[u8; 32]>,
 ) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
-    let req = SyncRequest::GetBlocks {
-        path: path.clone(),
-        first,
-        hashes,
+    fetch_blocks(conn, path, first, hashes, true).await
+}
+
+async fn fetch_blocks(
+    conn: Conn,
+    path: RelPath,
+    first: u64,
+    hashes: Vec<[u8; 32]>,
+    sender_checks: bool,
+) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+    let req = if sender_checks {
+        SyncRequest::GetBlocks {
+            path: path.clone(),
+            first,
+            hashes,
+        }
+    } else {
+        SyncRequest::GetIndexedBlocks {
+            path: path.clone(),
+            first,
+            hashes,
+        }
     };
     request_blocks(conn, path, first, req).await
 }
