@@ -89,7 +89,7 @@ pub struct Daemon {
     pub addr: std::net::SocketAddr,
     listener: tokio::net::TcpListener,
     sock: PathBuf,
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<crate::sync::watch::Watcher>,
     _instance: InstanceLock,
 }
 

@@ -182,7 +182,7 @@ impl Engine {
     pub async fn start(
         ctx: Arc<ServerCtx>,
         rescan_every: Duration,
-    ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+    ) -> anyhow::Result<(Arc<Engine>, Option<crate::sync::watch::Watcher>)> {
         Self::start_with(ctx, rescan_every, false).await
     }
 
@@ -191,7 +191,7 @@ impl Engine {
         ctx: Arc<ServerCtx>,
         rescan_every: Duration,
         on_demand: bool,
-    ) -> anyhow::Result<(Arc<Engine>, Option<notify::RecommendedWatcher>)> {
+    ) -> anyhow::Result<(Arc<Engine>, Option<crate::sync::watch::Watcher>)> {
         raise_fd_limit();
         let b = ctx.local.dir.clone();
         let tmp = b.tmp_dir().join("sync");
@@ -1276,9 +1276,27 @@ impl Engine {
         let finisher = tokio::spawn(self.clone().finisher(fin_rx));
         let mut deletes = Vec::new();
         let mut rest = paths.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: BTreeSet<RelPath> = rest.by_ref().take(PLAN_CHUNK).collect();
-            let plans = match self.plan_paths(chunk.clone()).await {
+        // The next chunk is planned while this one is fetched (planning is a few SQLite reads
+        // per path, and the chunks' paths are disjoint).
+        let plan_next =
+            |rest: &mut std::iter::Peekable<std::collections::btree_set::IntoIter<RelPath>>| {
+                rest.peek()?;
+                let chunk: BTreeSet<RelPath> = rest.by_ref().take(PLAN_CHUNK).collect();
+                let me = self.clone();
+                let paths = chunk.clone();
+                Some((
+                    chunk,
+                    tokio::spawn(async move { me.plan_paths(paths).await }),
+                ))
+            };
+        let mut next = plan_next(&mut rest);
+        while let Some((chunk, planning)) = next.take() {
+            next = plan_next(&mut rest);
+            let plans = match planning.await {
+                Ok(plans) => plans,
+                Err(e) => Err(anyhow::anyhow!("planning task: {e}")),
+            };
+            let plans = match plans {
                 Ok(mut p) => {
                     // Files left to the mount are new placeholders there: tell it (directory
                     // listings the kernel cached must show them at once).
@@ -1400,22 +1418,23 @@ impl Engine {
         let metas: Vec<(RelPath, bool)> =
             dirs.iter().map(|pl| (pl.path.clone(), pl.multi)).collect();
         let ap = self.applier.clone();
-        let res = blocking(move || {
-            dirs.into_iter()
-                .map(|pl| match pl.action {
-                    Action::Install(r) => ap.install_other(r, pl.local.as_ref(), None),
-                    _ => Err(ApplyError::Other(format!(
-                        "{}: not a directory install",
-                        pl.path
-                    ))),
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
+        let mut recs = Vec::with_capacity(dirs.len());
+        for pl in dirs {
+            match pl.action {
+                Action::Install(r) => recs.push((r, pl.local)),
+                _ => {
+                    let err = ApplyError::Other(format!("{}: not a directory install", pl.path));
+                    self.settle(pl.path, pl.multi, None, Err(err));
+                }
+            }
+        }
+        let res = blocking(move || ap.install_dirs(recs)).await;
         match res {
             Ok(results) => {
-                for ((path, multi), r) in metas.into_iter().zip(results) {
-                    self.settle(path, multi, None, r);
+                let multi: HashMap<RelPath, bool> = metas.into_iter().collect();
+                for (path, r) in results {
+                    let m = multi.get(&path).copied().unwrap_or(false);
+                    self.settle(path, m, None, r);
                 }
             }
             Err(e) => {
@@ -1516,6 +1535,9 @@ impl Engine {
                                         n += d.len() as u64;
                                     }
                                     ap.seal(&mut f.building)?;
+                                    // Writeback starts now, so the finisher's flush before
+                                    // the rename mostly waits for what is already under way.
+                                    f.building.start_writeback();
                                     Ok(n)
                                 });
                                 (f, res)
