@@ -184,6 +184,46 @@ fn same_version(a: Option<&Record>, b: Option<&Record>) -> bool {
     }
 }
 
+/// What finishing a batch did, per file in input order: the paths to scan, or why not.
+pub type Finished = Vec<(RelPath, Result<Vec<RelPath>, ApplyError>)>;
+
+/// One file of a batch being finished.
+struct FinishItem {
+    rec: Record,
+    guard: TempGuard,
+    expected: Option<Record>,
+    to_scan: Vec<RelPath>,
+    stat: Option<StatKey>,
+    result: Result<(), ApplyError>,
+}
+
+/// A batch of files whose data is durable, ready to be put in place
+/// ([`Applier::flush_files`], [`Applier::place_files`]).
+pub struct FlushedBatch {
+    items: Vec<FinishItem>,
+    sync_fd: Option<File>,
+}
+
+impl FlushedBatch {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Every file of a batch still going fails with `e`.
+fn fail_all(items: &mut [FinishItem], e: &ApplyError) {
+    for it in items.iter_mut().filter(|it| it.result.is_ok()) {
+        it.result = Err(match e {
+            ApplyError::NoSpace(m) => ApplyError::NoSpace(format!("{}: {m}", it.rec.path)),
+            other => ApplyError::Other(format!("{}: {other}", it.rec.path)),
+        });
+    }
+}
+
 impl Applier {
     fn full(&self, path: &RelPath) -> Result<PathBuf, ApplyError> {
         resolve_no_follow(&self.root, path).map_err(|e| ApplyError::Other(e.to_string()))
@@ -589,31 +629,25 @@ impl Applier {
     }
 
     /// Finish many built files at once, each as [`finish_file`](Self::finish_file) would (no
-    /// conflicts here): one `syncfs` makes all their data durable, then under the index lock
-    /// every path is checked and renamed, a second `syncfs` makes the renames durable, and one
-    /// transaction records them all. Per file that replaces two fsyncs and four SQLite commits,
-    /// which dominated an initial sync of many small files. Results come back in input order.
-    pub fn finish_files(
-        &self,
-        batch: Vec<(Building, Option<Record>)>,
-    ) -> Vec<(RelPath, Result<Vec<RelPath>, ApplyError>)> {
-        struct Item {
-            rec: Record,
-            guard: TempGuard,
-            expected: Option<Record>,
-            to_scan: Vec<RelPath>,
-            stat: Option<StatKey>,
-            result: Result<(), ApplyError>,
-        }
+    /// conflicts here): [`flush_files`](Self::flush_files) then
+    /// [`place_files`](Self::place_files). Results come back in input order.
+    pub fn finish_files(&self, batch: Vec<(Building, Option<Record>)>) -> Finished {
+        self.place_files(self.flush_files(batch))
+    }
+
+    /// First half of finishing a batch: seal every file, make their data durable with one
+    /// `syncfs` and their parent directories exist. Needs no lock, so the engine runs it for the
+    /// next batch while the previous one is being placed (the two disk flushes then overlap).
+    pub fn flush_files(&self, batch: Vec<(Building, Option<Record>)>) -> FlushedBatch {
         let mut sync_fd: Option<File> = None;
-        let mut items: Vec<Item> = batch
+        let mut items: Vec<FinishItem> = batch
             .into_iter()
             .map(|(mut b, expected)| {
                 let result = self.seal(&mut b);
                 if result.is_ok() && sync_fd.is_none() {
                     sync_fd = b.file.try_clone().ok();
                 }
-                Item {
+                FinishItem {
                     rec: b.rec,
                     guard: b.guard,
                     expected,
@@ -623,14 +657,6 @@ impl Applier {
                 }
             })
             .collect();
-        let fail_all = |items: &mut Vec<Item>, e: &ApplyError| {
-            for it in items.iter_mut().filter(|it| it.result.is_ok()) {
-                it.result = Err(match e {
-                    ApplyError::NoSpace(m) => ApplyError::NoSpace(format!("{}: {m}", it.rec.path)),
-                    other => ApplyError::Other(format!("{}: {other}", it.rec.path)),
-                });
-            }
-        };
         if let Some(f) = &sync_fd {
             if let Err(e) = syncfs(f) {
                 fail_all(&mut items, &ApplyError::from(e));
@@ -656,6 +682,14 @@ impl Applier {
                 Err(e) => it.result = Err(e),
             }
         }
+        FlushedBatch { items, sync_fd }
+    }
+
+    /// Second half: under the index lock every path is checked and renamed, a second `syncfs`
+    /// makes the renames durable, and one transaction records them all. Per file that replaces
+    /// two fsyncs and four SQLite commits, which dominated an initial sync of many small files.
+    pub fn place_files(&self, batch: FlushedBatch) -> Finished {
+        let FlushedBatch { mut items, sync_fd } = batch;
         // Path locks before the index lock, as everywhere; a path being written is retried later.
         let mut guards = Vec::new();
         for it in items.iter_mut().filter(|it| it.result.is_ok()) {

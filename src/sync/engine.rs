@@ -16,7 +16,7 @@ use crate::paths::RelPath;
 use crate::protocol::{ErrorCode, Request, Response};
 use crate::scan::{self, HashWanted, IgnoreRules};
 use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
-use crate::sync::apply::{self, Applier, ApplyError, Building};
+use crate::sync::apply::{self, Applier, ApplyError, Building, FlushedBatch};
 use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
@@ -1638,6 +1638,17 @@ impl Engine {
     /// being committed forms the next one, so a lone file goes at once and a flood of small files
     /// shares its fsyncs and index commits.
     async fn finisher(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<Fetched>>) {
+        // Two stages: a batch is flushed (sealed, its data made durable) while the one before it
+        // is placed (renamed, the renames made durable, recorded), so their disk flushes overlap.
+        let (placer_tx, mut placer_rx) = mpsc::channel::<(Vec<(RelPath, bool)>, FlushedBatch)>(1);
+        let me = self.clone();
+        let placer = tokio::spawn(async move {
+            while let Some((metas, flushed)) = placer_rx.recv().await {
+                let ap = me.applier.clone();
+                let res = blocking(move || ap.place_files(flushed)).await;
+                me.settle_finished(metas, res);
+            }
+        });
         while let Some(mut batch) = rx.recv().await {
             while batch.len() < FINISH_BATCH {
                 match rx.try_recv() {
@@ -1657,20 +1668,36 @@ impl Engine {
                 .map(|f| (f.building, f.pl.local))
                 .collect();
             let ap = self.applier.clone();
-            match blocking(move || ap.finish_files(items)).await {
-                Ok(results) => {
-                    for ((path, multi), (_, res)) in metas.into_iter().zip(results) {
-                        if res.is_ok() {
-                            self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.settle(path, multi, None, res);
+            match blocking(move || ap.flush_files(items)).await {
+                Ok(flushed) => {
+                    if let Err(mpsc::error::SendError((metas, _))) =
+                        placer_tx.send((metas, flushed)).await
+                    {
+                        let e = anyhow::anyhow!("placer gone");
+                        self.settle_finished(metas, Err(e));
                     }
                 }
-                Err(e) => {
-                    for (path, multi) in metas {
-                        let err = ApplyError::Other(format!("{path}: {e:#}"));
-                        self.settle(path, multi, None, Err(err));
+                Err(e) => self.settle_finished(metas, Err(e)),
+            }
+        }
+        drop(placer_tx);
+        let _ = placer.await;
+    }
+
+    fn settle_finished(&self, metas: Vec<(RelPath, bool)>, res: anyhow::Result<apply::Finished>) {
+        match res {
+            Ok(results) => {
+                for ((path, multi), (_, res)) in metas.into_iter().zip(results) {
+                    if res.is_ok() {
+                        self.stats.files_pulled.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.settle(path, multi, None, res);
+                }
+            }
+            Err(e) => {
+                for (path, multi) in metas {
+                    let err = ApplyError::Other(format!("{path}: {e:#}"));
+                    self.settle(path, multi, None, Err(err));
                 }
             }
         }
