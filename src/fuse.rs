@@ -685,42 +685,20 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match guard("readdirplus", || self.vfs.readdir(ino.0, offset)) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for e in entries.iter() {
-            if e.name == "." || e.name == ".." {
-                // The kernel does not link these; any attributes do.
-                let a = bare_attr(e.ino, FileType::Directory, 0o755, 2, 4096);
-                if reply.add(INodeNo(e.ino), e.off, &e.name, &TTL, &a, Generation(0)) {
-                    break;
-                }
-                continue;
-            }
-            // Each entry handed over this way counts as a lookup (the kernel will forget it).
-            match guard("readdirplus", || {
-                self.vfs.lookup(ino.0, OsStr::new(&e.name))
-            }) {
-                Ok(a) => {
-                    if reply.add(
-                        INodeNo(a.ino),
-                        e.off,
-                        &e.name,
-                        &TTL,
-                        &attr(&a),
-                        Generation(0),
-                    ) {
-                        // Did not fit: not handed over, so not a lookup.
-                        self.vfs.forget(a.ino, 1);
-                        break;
-                    }
-                }
-                // Vanished since the listing was taken.
-                Err(_) => continue,
-            }
+        let r = guard("readdirplus", || {
+            self.vfs.readdir_plus(ino.0, offset, |e, a| {
+                // The kernel does not link `.` and `..`; any attributes do.
+                let fa = match a {
+                    Some(a) => attr(a),
+                    None => bare_attr(e.ino, FileType::Directory, 0o755, 2, 4096),
+                };
+                !reply.add(fa.ino, e.off, &e.name, &TTL, &fa, Generation(0))
+            })
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok()
     }
 
     fn releasedir(

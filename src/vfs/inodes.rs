@@ -109,6 +109,18 @@ impl InodeTable {
         ino
     }
 
+    /// One more kernel reference to `ino`, if it still has a name (else the caller looks the
+    /// name up afresh).
+    pub fn add_lookup(&mut self, ino: u64) -> bool {
+        match self.nodes.get_mut(&ino) {
+            Some(n) if !n.paths.is_empty() => {
+                n.lookups += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A hard link: `path` now names `ino` too (one more kernel reference).
     pub fn add_link(&mut self, ino: u64, path: &RelPath) {
         self.unlink(path);

@@ -158,6 +158,24 @@ impl Attr {
         }
     }
 
+    fn from_stat(ino: u64, s: &libc::stat) -> Attr {
+        Attr {
+            ino,
+            size: s.st_size.max(0) as u64,
+            blocks: s.st_blocks.max(0) as u64,
+            atime: time_of(s.st_atime, s.st_atime_nsec),
+            mtime: time_of(s.st_mtime, s.st_mtime_nsec),
+            ctime: time_of(s.st_ctime, s.st_ctime_nsec),
+            kind: FileKind::from_mode(s.st_mode),
+            perm: (s.st_mode & 0o7777) as u16,
+            nlink: s.st_nlink.min(u32::MAX as libc::nlink_t) as u32,
+            uid: s.st_uid,
+            gid: s.st_gid,
+            rdev: s.st_rdev as u32,
+            blksize: s.st_blksize as u32,
+        }
+    }
+
     /// A placeholder: a record known from the peer whose content is not here yet.
     fn from_record(ino: u64, r: &Record, uid: u32, gid: u32) -> Attr {
         let t = time_of(
@@ -289,10 +307,16 @@ const MAX_LISTINGS: usize = 1024;
 /// no state per open directory (the kernel sends no OPENDIR). 3.. (1 and 2 are `.` and `..`),
 /// below `i64::MAX` (the kernel's `loff_t`).
 fn name_cookie(name: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut h);
-    3 + h.finish() % (i64::MAX as u64 - 4)
+    // FNV-1a, then a 64-bit finaliser (splitmix64) to spread similar names: fast, and the same
+    // in every run (nothing depends on that across mounts, but tests read it).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    3 + h % (i64::MAX as u64 - 4)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2108,6 +2132,77 @@ impl Vfs {
             }
         }
         Ok(DirPage { list, start })
+    }
+
+    /// READDIRPLUS: the entries of directory `ino` after `offset`, each with its attributes
+    /// (`None` for `.` and `..`, which the kernel does not link), handed to `add` until it
+    /// returns false (the reply is full). Every entry handed over counts as a lookup.
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, Option<&Attr>) -> bool,
+    ) -> VfsResult<()> {
+        let page = self.readdir(ino, offset)?;
+        // One descriptor for the directory: each entry is then one fstatat of its name, not a
+        // walk of its whole path from the store root plus the inode table's path work.
+        let dir = match self.path_of(ino) {
+            Ok(rel) => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(self.full(&rel))
+                .ok(),
+            Err(_) => None,
+        };
+        for e in page.iter() {
+            if e.name == "." || e.name == ".." {
+                if !add(e, None) {
+                    break;
+                }
+                continue;
+            }
+            let a = match dir.as_ref().and_then(|d| self.listed_attr(d, e)) {
+                Some(a) => a,
+                None => match self.lookup(ino, OsStr::new(&e.name)) {
+                    Ok(a) => a,
+                    // Vanished since the listing was taken.
+                    Err(_) => continue,
+                },
+            };
+            if !add(e, Some(&a)) {
+                // Did not fit: not handed over, so not a lookup.
+                self.forget(a.ino, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The attributes of a listed store entry, counted as a lookup of the inode the listing
+    /// gave it; `None` when [`Vfs::lookup`] must decide (not in the store: a file being
+    /// created, a placeholder; a writer's shadow; an inode forgotten or renamed since).
+    fn listed_attr(&self, dir: &File, e: &DirEntry) -> Option<Attr> {
+        let name = CString::new(e.name.as_bytes()).ok()?;
+        // SAFETY: a zeroed stat is a valid out-buffer; dir is an open descriptor and name a
+        // valid C string.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 || self.writer_state(e.ino).is_some() {
+            return None;
+        }
+        // The listing is dropped whenever a name in the directory changes, so a node that
+        // still has a name is this one.
+        if !lock(&self.inodes).add_lookup(e.ino) {
+            return None;
+        }
+        Some(Attr::from_stat(e.ino, &st))
     }
 
     /// The names in directory `ino` changed: a walk in progress must list it again.
