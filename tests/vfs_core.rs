@@ -770,3 +770,49 @@ fn readdir_big_directory_lists_every_entry_once_with_interleaved_walks() {
     assert!(!other.is_empty());
     assert_eq!(other[..], seen[..other.len()]);
 }
+
+#[test]
+fn readdir_plus_attributes_match_lookup_and_follow_renames() {
+    let f = fixture();
+    std::fs::write(f.b.root.join("plain"), b"12345").unwrap();
+    std::fs::write(f.b.root.join("edited"), b"old").unwrap();
+    // A file being created (only a shadow so far) and a file with a writer's shadow.
+    let (_, newf) = f
+        .vfs
+        .create(ME, ROOT_INO, os("new"), 0o644, 0o022, libc::O_WRONLY)
+        .unwrap();
+    f.vfs.write(newf.fh, 0, b"abcdefg").unwrap();
+    let e = f.vfs.lookup(ROOT_INO, os("edited")).unwrap();
+    let w = f.vfs.open(e.ino, libc::O_WRONLY).unwrap();
+    f.vfs.write(w.fh, 0, b"longer content").unwrap();
+    // Listed first, then a name moves before the READDIRPLUS reply is built.
+    let first = f.vfs.readdir(ROOT_INO, 0).unwrap();
+    assert!(first.iter().any(|e| e.name == "plain"));
+    f.vfs
+        .rename(ROOT_INO, os("plain"), ROOT_INO, os("moved"), 0)
+        .unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    f.vfs
+        .readdir_plus(ROOT_INO, 2, |e, a| {
+            let a = a.unwrap();
+            got.insert(e.name.clone(), (a.ino, a.size));
+            true
+        })
+        .unwrap();
+    let want = |n: &str| {
+        let a = f.vfs.lookup(ROOT_INO, os(n)).unwrap();
+        (a.ino, a.size)
+    };
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        ["edited", "moved", "new"]
+    );
+    assert_eq!(got["moved"], want("moved"));
+    assert_eq!(got["moved"].1, 5);
+    assert_eq!(got["new"], want("new"));
+    assert_eq!(got["new"].1, 7, "a new file's size is its shadow's");
+    assert_eq!(got["edited"], want("edited"));
+    assert_eq!(got["edited"].1, 14, "a writer's shadow shows");
+    f.vfs.release(w.fh).unwrap();
+    f.vfs.release(newf.fh).unwrap();
+}

@@ -2146,14 +2146,14 @@ impl Vfs {
         let page = self.readdir(ino, offset)?;
         // One descriptor for the directory: each entry is then one fstatat of its name, not a
         // walk of its whole path from the store root plus the inode table's path work.
-        let dir = match self.path_of(ino) {
-            Ok(rel) => std::fs::OpenOptions::new()
+        let dir = self.path_of(ino).ok().and_then(|rel| {
+            std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(self.full(&rel))
-                .ok(),
-            Err(_) => None,
-        };
+                .ok()
+                .map(|f| (rel, f))
+        });
         for e in page.iter() {
             if e.name == "." || e.name == ".." {
                 if !add(e, None) {
@@ -2161,7 +2161,10 @@ impl Vfs {
                 }
                 continue;
             }
-            let a = match dir.as_ref().and_then(|d| self.listed_attr(d, e)) {
+            let a = match dir
+                .as_ref()
+                .and_then(|(rel, d)| self.listed_attr(rel, d, e))
+            {
                 Some(a) => a,
                 None => match self.lookup(ino, OsStr::new(&e.name)) {
                     Ok(a) => a,
@@ -2181,7 +2184,7 @@ impl Vfs {
     /// The attributes of a listed store entry, counted as a lookup of the inode the listing
     /// gave it; `None` when [`Vfs::lookup`] must decide (not in the store: a file being
     /// created, a placeholder; a writer's shadow; an inode forgotten or renamed since).
-    fn listed_attr(&self, dir: &File, e: &DirEntry) -> Option<Attr> {
+    fn listed_attr(&self, rel: &RelPath, dir: &File, e: &DirEntry) -> Option<Attr> {
         let name = CString::new(e.name.as_bytes()).ok()?;
         // SAFETY: a zeroed stat is a valid out-buffer; dir is an open descriptor and name a
         // valid C string.
@@ -2197,9 +2200,8 @@ impl Vfs {
         if r != 0 || self.writer_state(e.ino).is_some() {
             return None;
         }
-        // The listing is dropped whenever a name in the directory changes, so a node that
-        // still has a name is this one.
-        if !lock(&self.inodes).add_lookup(e.ino) {
+        // Still the node the listing named (a rename between the listing and now is caught).
+        if !lock(&self.inodes).add_lookup(e.ino, rel, &e.name) {
             return None;
         }
         Some(Attr::from_stat(e.ino, &st))
