@@ -806,7 +806,16 @@ impl Vfs {
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        lock(&self.inodes).forget(ino, n);
+        let gone = {
+            let mut t = lock(&self.inodes);
+            t.forget(ino, n);
+            !t.exists(ino)
+        };
+        if gone {
+            // A directory the kernel forgot has no walk in progress (an open directory pins
+            // its inode): drop a listing a walk left unfinished.
+            self.dir_changed(ino);
+        }
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> VfsResult<Attr> {
