@@ -297,13 +297,12 @@ fn names_are_validated_and_metadata_hidden() {
     let text = String::from_utf8(read_all(&f.vfs, o.fh)).unwrap();
     assert_eq!(text.trim_end(), f.b.root.to_str().unwrap());
     assert!(f.vfs.open(m.ino, libc::O_WRONLY).is_err());
-    let dh = f.vfs.opendir(ROOT_INO).unwrap();
     let names: Vec<String> = f
         .vfs
-        .readdir(dh, 0)
+        .readdir(ROOT_INO, 0)
         .unwrap()
-        .into_iter()
-        .map(|e| e.name)
+        .iter()
+        .map(|e| e.name.clone())
         .collect();
     assert_eq!(names, vec![".", ".."]);
 }
@@ -437,13 +436,12 @@ fn peer_fixture(reachable: bool) -> (Fixture, Arc<FakePeer>) {
 #[test]
 fn placeholder_is_listed_and_fetched_on_read() {
     let (f, peer) = peer_fixture(true);
-    let dh = f.vfs.opendir(ROOT_INO).unwrap();
     let names: Vec<String> = f
         .vfs
-        .readdir(dh, 2)
+        .readdir(ROOT_INO, 2)
         .unwrap()
-        .into_iter()
-        .map(|e| e.name)
+        .iter()
+        .map(|e| e.name.clone())
         .collect();
     assert_eq!(names, vec!["remote.txt"]);
     let a = f.vfs.lookup(ROOT_INO, os("remote.txt")).unwrap();
@@ -558,10 +556,9 @@ fn a_new_file_reaches_the_store_at_its_first_close() {
     assert!(!f.b.root.join("new").exists());
     assert_eq!(f.vfs.lookup(ROOT_INO, os("new")).unwrap().ino, a.ino);
     assert_eq!(f.vfs.getattr(a.ino, None).unwrap().size, 7);
-    let dh = f.vfs.opendir(ROOT_INO).unwrap();
     assert!(f
         .vfs
-        .readdir(dh, 0)
+        .readdir(ROOT_INO, 0)
         .unwrap()
         .iter()
         .any(|e| e.name == "new"));
@@ -627,4 +624,195 @@ fn a_running_program_cannot_be_opened_for_writing() {
 
 fn fs_read(f: &Fixture, rel: &str) -> Vec<u8> {
     std::fs::read(p(rel).to_fs(&f.b.root)).unwrap()
+}
+
+/// Reads directory `ino` the way the kernel does: `per_call` entries per call, each call
+/// resuming after the last position handed out; `between(call)` runs before each call.
+fn walk(
+    vfs: &Vfs,
+    ino: u64,
+    per_call: usize,
+    mut between: impl FnMut(usize),
+) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let mut offset = 0;
+    for call in 0.. {
+        between(call);
+        let page = vfs.readdir(ino, offset).unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        for e in page.iter().take(per_call) {
+            assert!(
+                e.off > offset,
+                "positions increase: {} after {offset}",
+                e.off
+            );
+            offset = e.off;
+            out.push((e.name.clone(), e.off));
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn readdir_changes_between_calls_return_unchanged_entries_once() {
+    let f = fixture();
+    let d = f.b.root.join("d");
+    std::fs::create_dir(&d).unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+    for n in &names {
+        std::fs::write(d.join(n), b"x").unwrap();
+    }
+    let dino = f.vfs.lookup(ROOT_INO, os("d")).unwrap().ino;
+    // After the first call: a third of the names go (through unlink and rename), 40 arrive
+    // (create, mkdir, symlink, the rename's target); after the third call, 20 more go.
+    let removed: Vec<String> = names.iter().step_by(3).cloned().collect();
+    let later: Vec<String> = names.iter().skip(1).step_by(7).take(20).cloned().collect();
+    let mut added = Vec::new();
+    let mut gone = std::collections::HashSet::new();
+    let seen = walk(&f.vfs, dino, 50, |call| {
+        if call == 1 {
+            for (i, n) in removed.iter().enumerate() {
+                if i == 0 {
+                    f.vfs.rename(dino, os(n), dino, os("renamed"), 0).unwrap();
+                    added.push("renamed".to_string());
+                } else {
+                    f.vfs.unlink(dino, os(n)).unwrap();
+                }
+                gone.insert(n.clone());
+            }
+            for i in 0..37 {
+                let n = format!("new{i}");
+                let (_, o) = f
+                    .vfs
+                    .create(ME, dino, os(&n), 0o644, 0o022, libc::O_WRONLY)
+                    .unwrap();
+                f.vfs.release(o.fh).unwrap();
+                added.push(n);
+            }
+            f.vfs.mkdir(ME, dino, os("newdir"), 0o755, 0o022).unwrap();
+            f.vfs
+                .symlink(ME, dino, os("newlink"), std::path::Path::new("f001"))
+                .unwrap();
+            added.extend(["newdir".to_string(), "newlink".to_string()]);
+        }
+        if call == 3 {
+            let still: Vec<String> = later
+                .iter()
+                .filter(|n| !gone.contains(*n))
+                .cloned()
+                .collect();
+            for n in still {
+                f.vfs.unlink(dino, os(&n)).unwrap();
+                gone.insert(n);
+            }
+        }
+    });
+    let mut count = std::collections::HashMap::new();
+    for (n, _) in &seen {
+        *count.entry(n.as_str()).or_insert(0) += 1;
+    }
+    assert!(count.values().all(|&c| c == 1), "no entry twice");
+    for n in names.iter().filter(|n| !gone.contains(*n)) {
+        assert_eq!(count.get(n.as_str()), Some(&1), "{n} listed once");
+    }
+    assert_eq!((count.get("."), count.get("..")), (Some(&1), Some(&1)));
+    // Names added during the walk may or may not show (POSIX); nothing else may.
+    for n in count.keys() {
+        assert!(
+            *n == "." || *n == ".." || names.iter().any(|x| x == n) || added.iter().any(|x| x == n),
+            "{n} came from nowhere"
+        );
+    }
+    // A fresh walk sees exactly the directory as it is now.
+    let now: std::collections::BTreeSet<String> = walk(&f.vfs, dino, 50, |_| {})
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut want: std::collections::BTreeSet<String> = names
+        .iter()
+        .filter(|n| !gone.contains(*n))
+        .cloned()
+        .collect();
+    want.extend(added.iter().cloned());
+    want.extend([".".to_string(), "..".to_string()]);
+    assert_eq!(now, want);
+}
+
+#[test]
+fn readdir_big_directory_lists_every_entry_once_with_interleaved_walks() {
+    let f = fixture();
+    let d = f.b.root.join("big");
+    std::fs::create_dir(&d).unwrap();
+    let n = 20_000;
+    for i in 0..n {
+        std::fs::File::create(d.join(format!("entry-{i:05}"))).unwrap();
+    }
+    let dino = f.vfs.lookup(ROOT_INO, os("big")).unwrap().ino;
+    // A second walk runs alongside the first, starting (and so re-listing) midway.
+    let mut other: Vec<(String, u64)> = Vec::new();
+    let mut other_off = None;
+    let seen = walk(&f.vfs, dino, 97, |call| {
+        if call >= 100 {
+            let page = f.vfs.readdir(dino, other_off.unwrap_or(0)).unwrap();
+            if let Some(e) = page.iter().next() {
+                other_off = Some(e.off);
+                other.push((e.name.clone(), e.off));
+            }
+        }
+    });
+    let names: std::collections::BTreeSet<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(seen.len(), n + 2, "each entry exactly once");
+    assert_eq!(names.len(), n + 2);
+    assert!(names.contains("entry-00000") && names.contains("entry-19999"));
+    // The other walk's entries are the first ones of the same order.
+    assert!(!other.is_empty());
+    assert_eq!(other[..], seen[..other.len()]);
+}
+
+#[test]
+fn readdir_plus_attributes_match_lookup_and_follow_renames() {
+    let f = fixture();
+    std::fs::write(f.b.root.join("plain"), b"12345").unwrap();
+    std::fs::write(f.b.root.join("edited"), b"old").unwrap();
+    // A file being created (only a shadow so far) and a file with a writer's shadow.
+    let (_, newf) = f
+        .vfs
+        .create(ME, ROOT_INO, os("new"), 0o644, 0o022, libc::O_WRONLY)
+        .unwrap();
+    f.vfs.write(newf.fh, 0, b"abcdefg").unwrap();
+    let e = f.vfs.lookup(ROOT_INO, os("edited")).unwrap();
+    let w = f.vfs.open(e.ino, libc::O_WRONLY).unwrap();
+    f.vfs.write(w.fh, 0, b"longer content").unwrap();
+    // Listed first, then a name moves before the READDIRPLUS reply is built.
+    let first = f.vfs.readdir(ROOT_INO, 0).unwrap();
+    assert!(first.iter().any(|e| e.name == "plain"));
+    f.vfs
+        .rename(ROOT_INO, os("plain"), ROOT_INO, os("moved"), 0)
+        .unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    f.vfs
+        .readdir_plus(ROOT_INO, 2, |e, a| {
+            let a = a.unwrap();
+            got.insert(e.name.clone(), (a.ino, a.size));
+            true
+        })
+        .unwrap();
+    let want = |n: &str| {
+        let a = f.vfs.lookup(ROOT_INO, os(n)).unwrap();
+        (a.ino, a.size)
+    };
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        ["edited", "moved", "new"]
+    );
+    assert_eq!(got["moved"], want("moved"));
+    assert_eq!(got["moved"].1, 5);
+    assert_eq!(got["new"], want("new"));
+    assert_eq!(got["new"].1, 7, "a new file's size is its shadow's");
+    assert_eq!(got["edited"], want("edited"));
+    assert_eq!(got["edited"].1, 14, "a writer's shadow shows");
+    f.vfs.release(w.fh).unwrap();
+    f.vfs.release(newf.fh).unwrap();
 }

@@ -109,6 +109,29 @@ impl InodeTable {
         ino
     }
 
+    /// One more kernel reference to `ino`, if it is still called `name` in `dir` (else the
+    /// caller looks the name up afresh).
+    pub fn add_lookup(&mut self, ino: u64, dir: &RelPath, name: &str) -> bool {
+        let named = |p: &RelPath| {
+            let s = p.as_str();
+            if dir.is_root() {
+                return s == name;
+            }
+            let d = dir.as_str();
+            s.len() == d.len() + 1 + name.len()
+                && s.starts_with(d)
+                && s.ends_with(name)
+                && s.as_bytes()[d.len()] == b'/'
+        };
+        match self.nodes.get_mut(&ino) {
+            Some(n) if n.paths.iter().any(named) => {
+                n.lookups += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A hard link: `path` now names `ino` too (one more kernel reference).
     pub fn add_link(&mut self, ino: u64, path: &RelPath) {
         self.unlink(path);
@@ -277,6 +300,23 @@ mod tests {
         let dd = t.get_or_insert(&p("xy"), true);
         t.rename(&p("x"), &p("z"));
         assert_eq!(t.path(dd), Some(p("xy")));
+    }
+
+    #[test]
+    fn add_lookup_only_under_the_listed_name() {
+        let mut t = InodeTable::new();
+        let a = t.get_or_insert(&p("d/a"), false);
+        let top = t.get_or_insert(&p("a"), false);
+        assert!(t.add_lookup(a, &p("d"), "a"));
+        assert!(t.add_lookup(top, &RelPath::root(), "a"));
+        assert!(!t.add_lookup(a, &RelPath::root(), "a"));
+        assert!(!t.add_lookup(a, &p("d"), "b"));
+        assert!(!t.add_lookup(a, &p("dd"), "a"));
+        t.rename(&p("d/a"), &p("d/b"));
+        assert!(!t.add_lookup(a, &p("d"), "a"), "renamed since listed");
+        assert!(t.add_lookup(a, &p("d"), "b"));
+        t.forget(a, 2);
+        assert!(!t.add_lookup(a, &p("d"), "b"), "forgotten");
     }
 
     #[test]

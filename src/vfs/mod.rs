@@ -158,6 +158,24 @@ impl Attr {
         }
     }
 
+    fn from_stat(ino: u64, s: &libc::stat) -> Attr {
+        Attr {
+            ino,
+            size: s.st_size.max(0) as u64,
+            blocks: s.st_blocks.max(0) as u64,
+            atime: time_of(s.st_atime, s.st_atime_nsec),
+            mtime: time_of(s.st_mtime, s.st_mtime_nsec),
+            ctime: time_of(s.st_ctime, s.st_ctime_nsec),
+            kind: FileKind::from_mode(s.st_mode),
+            perm: (s.st_mode & 0o7777) as u16,
+            nlink: s.st_nlink.min(u32::MAX as libc::nlink_t) as u32,
+            uid: s.st_uid,
+            gid: s.st_gid,
+            rdev: s.st_rdev as u32,
+            blksize: s.st_blksize as u32,
+        }
+    }
+
     /// A placeholder: a record known from the peer whose content is not here yet.
     fn from_record(ino: u64, r: &Record, uid: u32, gid: u32) -> Attr {
         let t = time_of(
@@ -261,6 +279,44 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: FileKind,
     pub name: String,
+    /// The position after this entry (the kernel's next `offset`): 1 and 2 for `.` and `..`,
+    /// else derived from the name alone (see [`Vfs::readdir`]).
+    pub off: u64,
+}
+
+/// Entries of a directory from some position on: a window on a listing shared between calls.
+#[derive(Clone, Debug)]
+pub struct DirPage {
+    list: Arc<Vec<DirEntry>>,
+    start: usize,
+}
+
+impl std::ops::Deref for DirPage {
+    type Target = [DirEntry];
+    fn deref(&self) -> &[DirEntry] {
+        &self.list[self.start..]
+    }
+}
+
+/// Listings kept between the READDIR calls of one walk. Past this many directories the table
+/// is emptied (a walk that loses its listing just rebuilds it: positions are names' hashes).
+const MAX_LISTINGS: usize = 1024;
+
+/// The position of `name` in its directory's listing: a hash of the name, so it stays the same
+/// however the directory changes between calls and whatever the inode table forgets, and needs
+/// no state per open directory (the kernel sends no OPENDIR). 3.. (1 and 2 are `.` and `..`),
+/// below `i64::MAX` (the kernel's `loff_t`).
+fn name_cookie(name: &str) -> u64 {
+    // FNV-1a, then a 64-bit finaliser (splitmix64) to spread similar names: fast, and the same
+    // in every run (nothing depends on that across mounts, but tests read it).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    3 + h % (i64::MAX as u64 - 4)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,9 +420,6 @@ enum Handle {
     Static {
         data: Vec<u8>,
     },
-    Dir {
-        entries: Vec<DirEntry>,
-    },
 }
 
 pub struct Vfs {
@@ -376,6 +429,10 @@ pub struct Vfs {
     inodes: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    /// Directory listings by directory inode, sorted by position, while a walk is reading
+    /// them (a 100k-entry directory takes thousands of READDIR calls). Dropped at the end of a
+    /// listing and whenever the directory changes.
+    listings: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     writers: Mutex<HashMap<u64, Arc<Mutex<WriteState>>>>,
     /// Page-cached read opens per inode: passthrough may not start while any is open.
     cached_opens: Mutex<HashMap<u64, usize>>,
@@ -527,6 +584,7 @@ impl Vfs {
             inodes: Mutex::new(InodeTable::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            listings: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             cached_opens: Mutex::new(HashMap::new()),
             exec_opens: Mutex::new(HashMap::new()),
@@ -748,7 +806,16 @@ impl Vfs {
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        lock(&self.inodes).forget(ino, n);
+        let gone = {
+            let mut t = lock(&self.inodes);
+            t.forget(ino, n);
+            !t.exists(ino)
+        };
+        if gone {
+            // A directory the kernel forgot has no walk in progress (an open directory pins
+            // its inode): drop a listing a walk left unfinished.
+            self.dir_changed(ino);
+        }
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> VfsResult<Attr> {
@@ -988,6 +1055,7 @@ impl Vfs {
         // SAFETY: c is a valid C string. The process umask may have cut bits: set them exactly.
         errno_result(unsafe { libc::chmod(c.as_ptr(), perm) }, &child)?;
         self.set_owner(caller, &dir, &full, perm)?;
+        self.dir_changed(parent);
         self.created(&child, true)
     }
 
@@ -1012,6 +1080,7 @@ impl Vfs {
         // SAFETY: as above.
         errno_result(unsafe { libc::chmod(c.as_ptr(), perm | inherited) }, &child)?;
         self.set_owner(caller, &dir, &full, perm | inherited)?;
+        self.dir_changed(parent);
         self.created(&child, true)
     }
 
@@ -1026,6 +1095,7 @@ impl Vfs {
         let full = self.full(&child);
         std::os::unix::fs::symlink(target, &full).map_err(|e| VfsError::io(&child, e))?;
         self.set_owner(caller, &dir, &full, libc::S_IFLNK)?;
+        self.dir_changed(parent);
         self.created(&child, true)
     }
 
@@ -1039,6 +1109,7 @@ impl Vfs {
         std::fs::hard_link(self.full(&src), self.full(&new))
             .map_err(|e| VfsError::io(format!("link {src} -> {new}"), e))?;
         lock(&self.inodes).add_link(ino, &new);
+        self.dir_changed(newparent);
         self.committer.file(new.clone(), Dirty::All);
         self.attr_of(ino, &new)
     }
@@ -1068,10 +1139,12 @@ impl Vfs {
             if !self.full(&child).exists() {
                 lock(&self.inodes).unlink(&child);
                 self.orphan(ino);
+                self.dir_changed(parent);
                 return Ok(());
             }
         }
         std::fs::remove_file(self.full(&child)).map_err(|e| VfsError::io(&child, e))?;
+        self.dir_changed(parent);
         self.forget_path(&child);
         self.committer.gone(child);
         Ok(())
@@ -1080,6 +1153,7 @@ impl Vfs {
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> VfsResult<()> {
         let (_, child) = self.child(parent, name)?;
         std::fs::remove_dir(self.full(&child)).map_err(|e| VfsError::io(&child, e))?;
+        self.dir_changed(parent);
         self.forget_path(&child);
         self.committer.path(child);
         Ok(())
@@ -1118,6 +1192,8 @@ impl Vfs {
             )
         };
         errno_result(r, format!("rename {from} -> {to}"))?;
+        self.dir_changed(parent);
+        self.dir_changed(newparent);
         if flags & libc::RENAME_EXCHANGE != 0 {
             lock(&self.inodes).exchange(&from, &to);
         } else {
@@ -1591,7 +1667,9 @@ impl Vfs {
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             match std::fs::symlink_metadata(&full) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return self.create_pending(caller, &dir, &child, perm);
+                    let r = self.create_pending(caller, &dir, &child, perm);
+                    self.dir_changed(parent);
+                    return r;
                 }
                 Ok(_) if flags & libc::O_EXCL != 0 => {
                     return Err(VfsError::new(libc::EEXIST, format!("{child} exists")));
@@ -1609,6 +1687,7 @@ impl Vfs {
             oo.create(true);
         }
         let f = oo.open(&full).map_err(|e| VfsError::io(&child, e))?;
+        self.dir_changed(parent);
         use std::os::unix::fs::PermissionsExt;
         if f.metadata()?.mode() & 0o7777 != perm {
             f.set_permissions(std::fs::Permissions::from_mode(perm))?;
@@ -1754,7 +1833,6 @@ impl Vfs {
                 let end = start.saturating_add(size as usize).min(data.len());
                 return Ok(data[start..end].to_vec());
             }
-            Handle::Dir { .. } => return Err(VfsError::new(libc::EISDIR, "read of a directory")),
         };
         let mut buf = vec![0u8; size as usize];
         let mut got = 0usize;
@@ -1902,26 +1980,30 @@ impl Vfs {
 
     // ----- directories -----------------------------------------------------------------------
 
-    pub fn opendir(&self, ino: u64) -> VfsResult<u64> {
+    /// Everything `ino` lists now, sorted by position.
+    fn list_dir(&self, ino: u64) -> VfsResult<Vec<DirEntry>> {
         if ino == META_INO {
             let entries = vec![
                 DirEntry {
                     ino: META_INO,
                     kind: FileKind::Dir,
                     name: ".".into(),
+                    off: 1,
                 },
                 DirEntry {
                     ino: ROOT_INO,
                     kind: FileKind::Dir,
                     name: "..".into(),
+                    off: 2,
                 },
                 DirEntry {
                     ino: MARKER_INO,
                     kind: FileKind::File,
                     name: MOUNT_MARKER.into(),
+                    off: name_cookie(MOUNT_MARKER),
                 },
             ];
-            return Ok(self.add_handle(Handle::Dir { entries }));
+            return Ok(entries);
         }
         let rel = self.path_of(ino)?;
         let full = self.full(&rel);
@@ -1992,34 +2074,151 @@ impl Vfs {
             ino,
             kind: FileKind::Dir,
             name: ".".into(),
+            off: 1,
         });
         entries.push(DirEntry {
             ino: parent_ino,
             kind: FileKind::Dir,
             name: "..".into(),
+            off: 2,
         });
         {
             let mut t = lock(&self.inodes);
             for (n, kind) in names {
                 let Ok(p) = rel.join(&n) else { continue };
                 let ino = t.get_or_insert(&p, false);
-                entries.push(DirEntry { ino, kind, name: n });
+                let off = name_cookie(&n);
+                entries.push(DirEntry {
+                    ino,
+                    kind,
+                    name: n,
+                    off,
+                });
             }
         }
-        Ok(self.add_handle(Handle::Dir { entries }))
-    }
-
-    /// Entries from position `offset` on (the next position of entry `i` is `i + 1`).
-    pub fn readdir(&self, fh: u64, offset: u64) -> VfsResult<Vec<DirEntry>> {
-        let h = self.handle(fh)?;
-        match h.as_ref() {
-            Handle::Dir { entries } => Ok(entries.iter().skip(offset as usize).cloned().collect()),
-            _ => Err(VfsError::new(libc::ENOTDIR, "not a directory handle")),
+        entries[2..].sort_unstable_by(|a, b| a.off.cmp(&b.off).then_with(|| a.name.cmp(&b.name)));
+        // Two names with one hash (about 1 in 10^9 for 100k names): move the later one up, so
+        // every position stays unique (stable as long as neither name comes or goes).
+        for i in 3..entries.len() {
+            if entries[i].off <= entries[i - 1].off {
+                entries[i].off = entries[i - 1].off + 1;
+            }
         }
+        Ok(entries)
     }
 
-    pub fn releasedir(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
+    /// `readdir` of directory `ino` after position `offset` (0: from the start). Directories
+    /// need no open handle: the mount answers OPENDIR with ENOSYS, so the kernel stops sending
+    /// OPENDIR and RELEASEDIR (two round trips per directory) and asks by inode. Positions are
+    /// hashes of the names, in increasing order, so an entry neither added nor removed during
+    /// a walk is returned exactly once however the directory changes between calls (what
+    /// ext4 does too). A walk's first call lists the directory afresh; later calls read that
+    /// listing until the directory changes (then it is listed again).
+    pub fn readdir(&self, ino: u64, offset: u64) -> VfsResult<DirPage> {
+        let kept = if offset == 0 {
+            None
+        } else {
+            lock(&self.listings).get(&ino).cloned()
+        };
+        let list = match kept {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(self.list_dir(ino)?);
+                let mut m = lock(&self.listings);
+                if m.len() >= MAX_LISTINGS {
+                    m.clear();
+                }
+                m.insert(ino, l.clone());
+                l
+            }
+        };
+        let start = list.partition_point(|e| e.off <= offset);
+        if start == list.len() {
+            // The end of a walk: free the listing (the next walk lists afresh anyway).
+            let mut m = lock(&self.listings);
+            if m.get(&ino).is_some_and(|l| Arc::ptr_eq(l, &list)) {
+                m.remove(&ino);
+            }
+        }
+        Ok(DirPage { list, start })
+    }
+
+    /// READDIRPLUS: the entries of directory `ino` after `offset`, each with its attributes
+    /// (`None` for `.` and `..`, which the kernel does not link), handed to `add` until it
+    /// returns false (the reply is full). Every entry handed over counts as a lookup.
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, Option<&Attr>) -> bool,
+    ) -> VfsResult<()> {
+        let page = self.readdir(ino, offset)?;
+        // One descriptor for the directory: each entry is then one fstatat of its name, not a
+        // walk of its whole path from the store root plus the inode table's path work.
+        let dir = self.path_of(ino).ok().and_then(|rel| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(self.full(&rel))
+                .ok()
+                .map(|f| (rel, f))
+        });
+        for e in page.iter() {
+            if e.name == "." || e.name == ".." {
+                if !add(e, None) {
+                    break;
+                }
+                continue;
+            }
+            let a = match dir
+                .as_ref()
+                .and_then(|(rel, d)| self.listed_attr(rel, d, e))
+            {
+                Some(a) => a,
+                None => match self.lookup(ino, OsStr::new(&e.name)) {
+                    Ok(a) => a,
+                    // Vanished since the listing was taken.
+                    Err(_) => continue,
+                },
+            };
+            if !add(e, Some(&a)) {
+                // Did not fit: not handed over, so not a lookup.
+                self.forget(a.ino, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The attributes of a listed store entry, counted as a lookup of the inode the listing
+    /// gave it; `None` when [`Vfs::lookup`] must decide (not in the store: a file being
+    /// created, a placeholder; a writer's shadow; an inode forgotten or renamed since).
+    fn listed_attr(&self, rel: &RelPath, dir: &File, e: &DirEntry) -> Option<Attr> {
+        let name = CString::new(e.name.as_bytes()).ok()?;
+        // SAFETY: a zeroed stat is a valid out-buffer; dir is an open descriptor and name a
+        // valid C string.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 || self.writer_state(e.ino).is_some() {
+            return None;
+        }
+        // Still the node the listing named (a rename between the listing and now is caught).
+        if !lock(&self.inodes).add_lookup(e.ino, rel, &e.name) {
+            return None;
+        }
+        Some(Attr::from_stat(e.ino, &st))
+    }
+
+    /// The names in directory `ino` changed: a walk in progress must list it again.
+    fn dir_changed(&self, ino: u64) {
+        lock(&self.listings).remove(&ino);
     }
 
     pub fn statfs(&self) -> VfsResult<StatFs> {
@@ -2048,11 +2247,14 @@ impl Vfs {
             Ok(g) => g.clone(),
             Err(_) => None,
         };
-        let Some(inv) = inv else { return };
         let (ino, parent) = {
             let t = lock(&self.inodes);
             (t.ino_of(path), path.parent().and_then(|p| t.ino_of(&p)))
         };
+        if let Some(parent) = parent {
+            self.dir_changed(parent);
+        }
+        let Some(inv) = inv else { return };
         if let Some(ino) = ino {
             inv.inode(ino);
             // The sync engine replaces a file by renaming a new one over it: give the path a
