@@ -99,6 +99,9 @@ pub struct Building {
     guard: TempGuard,
     /// Block indices still to fetch from the peer.
     pub missing: Vec<u64>,
+    /// An unnamed temp file (`O_TMPFILE` in the temp folder): linked to its path when finished,
+    /// gone by itself if the daemon dies first.
+    anonymous: bool,
     /// Bytes taken from local files instead of the network.
     pub reused: u64,
     /// Size, mode and mtime set and content checked ([`Applier::seal`]) ahead of the finisher.
@@ -191,6 +194,8 @@ pub type Finished = Vec<(RelPath, Result<Vec<RelPath>, ApplyError>)>;
 struct FinishItem {
     rec: Record,
     guard: TempGuard,
+    /// The open unnamed temp file, to be linked into place.
+    unnamed: Option<File>,
     expected: Option<Record>,
     to_scan: Vec<RelPath>,
     stat: Option<StatKey>,
@@ -382,7 +387,7 @@ impl Applier {
     /// Start building a file: a temp file holding every block available locally.
     pub fn prepare_file(&self, rec: &Record) -> Result<Building, ApplyError> {
         std::fs::create_dir_all(&self.tmp).map_err(|e| ctx_err("temp folder", e))?;
-        self.prepare_in_tmp(rec, true)
+        self.prepare_in_tmp(rec, true, false)
     }
 
     /// [`prepare_file`](Self::prepare_file) for many files (the temp folder made once). With
@@ -396,23 +401,49 @@ impl Applier {
                 .map(|(r, _)| Err(ApplyError::Other(format!("{}: {e}", r.path))))
                 .collect();
         }
+        // New files go through unnamed temp files: no entry made in (and no rename out of) the
+        // temp folder, whose directory lock every file of a batch otherwise contended for.
         recs.iter()
-            .map(|(r, previous)| self.prepare_in_tmp(r, *previous))
+            .map(|(r, previous)| self.prepare_in_tmp(r, *previous, !*previous))
             .collect()
     }
 
-    fn prepare_in_tmp(&self, rec: &Record, previous: bool) -> Result<Building, ApplyError> {
-        let tmp_path = self
-            .tmp
-            .join(format!("{:016x}.part", rand::random::<u64>()));
-        let guard = TempGuard(Some(tmp_path.clone()));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp_path)
-            .map_err(|e| ctx_err("creating temp file", e))?;
+    fn prepare_in_tmp(
+        &self,
+        rec: &Record,
+        previous: bool,
+        anonymous: bool,
+    ) -> Result<Building, ApplyError> {
+        let unnamed = if anonymous {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o600)
+                .open(&self.tmp)
+                .ok()
+        } else {
+            None
+        };
+        let anonymous = unnamed.is_some();
+        let (mut file, guard) = match unnamed {
+            Some(f) => (f, TempGuard(None)),
+            // Not asked for, or the file system has no O_TMPFILE: a named temp file.
+            None => {
+                let tmp_path = self
+                    .tmp
+                    .join(format!("{:016x}.part", rand::random::<u64>()));
+                let guard = TempGuard(Some(tmp_path.clone()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp_path)
+                    .map_err(|e| ctx_err("creating temp file", e))?;
+                (f, guard)
+            }
+        };
         let nblocks = rec.blocks.len() as u64;
         let mut have = vec![false; nblocks as usize];
         let mut reused = 0u64;
@@ -503,6 +534,7 @@ impl Applier {
             file,
             guard,
             missing,
+            anonymous,
             reused,
             sealed: false,
             checked,
@@ -563,15 +595,12 @@ impl Applier {
     fn place(
         &self,
         guard: &mut TempGuard,
+        unnamed: Option<&File>,
         path: &RelPath,
         full: &Path,
         loser: Option<&RelPath>,
         to_scan: &mut Vec<RelPath>,
     ) -> Result<Option<StatKey>, ApplyError> {
-        let tmp_path = guard
-            .0
-            .clone()
-            .ok_or_else(|| ApplyError::Other("temp file vanished".into()))?;
         if let Some(l) = loser {
             if lstat(full).map_err(|e| ctx_err(path, e))?.is_some() {
                 to_scan.push(self.move_aside(full, l)?);
@@ -582,10 +611,40 @@ impl Applier {
         {
             self.clear(path, full)?;
         }
-        std::fs::rename(&tmp_path, full).map_err(|e| ctx_err(path, e))?;
-        guard.0 = None;
+        self.put_in_place(guard, unnamed, path, full)?;
         let md = std::fs::symlink_metadata(full).map_err(|e| ctx_err(path, e))?;
         Ok(Some(StatKey::of(&md)))
+    }
+
+    /// The temp file becomes `full` in one step: renamed when named; linked when unnamed, or,
+    /// when something is at `full` already, linked under a temp name first and renamed over it.
+    fn put_in_place(
+        &self,
+        guard: &mut TempGuard,
+        unnamed: Option<&File>,
+        path: &RelPath,
+        full: &Path,
+    ) -> Result<(), ApplyError> {
+        if let Some(tmp_path) = guard.0.clone() {
+            std::fs::rename(&tmp_path, full).map_err(|e| ctx_err(path, e))?;
+            guard.0 = None;
+            return Ok(());
+        }
+        let f = unnamed.ok_or_else(|| ApplyError::Other(format!("{path}: temp file vanished")))?;
+        match link_unnamed(f, full) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let t = self
+                    .tmp
+                    .join(format!("{:016x}.part", rand::random::<u64>()));
+                link_unnamed(f, &t).map_err(|e| ctx_err(path, e))?;
+                guard.0 = Some(t.clone());
+                std::fs::rename(&t, full).map_err(|e| ctx_err(path, e))?;
+                guard.0 = None;
+                Ok(())
+            }
+            Err(e) => Err(ctx_err(path, e)),
+        }
     }
 
     /// Finish a built file and put it in place (moving the local version to `loser` first when
@@ -603,14 +662,22 @@ impl Applier {
             file,
             mut guard,
             previous,
+            anonymous,
             ..
         } = b;
-        drop(file);
+        let unnamed = anonymous.then_some(file);
         let path = rec.path.clone();
         let mut to_scan = self.make_parents(&path)?;
         let mut placed = Vec::new();
         let done = self.commit(rec, expected, |full, _cur| {
-            let stat = self.place(&mut guard, &path, full, loser, &mut placed)?;
+            let stat = self.place(
+                &mut guard,
+                unnamed.as_ref(),
+                &path,
+                full,
+                loser,
+                &mut placed,
+            )?;
             if let Some(parent) = full.parent() {
                 // The rename is durable only once its directory is (and before the index says so).
                 sync_dir(parent).map_err(|e| ctx_err(&path, e))?;
@@ -650,6 +717,7 @@ impl Applier {
                 FinishItem {
                     rec: b.rec,
                     guard: b.guard,
+                    unnamed: b.anonymous.then_some(b.file),
                     expected,
                     to_scan: Vec::new(),
                     stat: None,
@@ -720,13 +788,8 @@ impl Applier {
                         if md.is_some_and(|m| m.is_dir()) {
                             self.clear(&path, &full)?;
                         }
-                        let tmp_path = it
-                            .guard
-                            .0
-                            .clone()
-                            .ok_or_else(|| ApplyError::Other("temp file vanished".into()))?;
-                        std::fs::rename(&tmp_path, &full).map_err(|e| ctx_err(&path, e))?;
-                        it.guard.0 = None;
+                        self.put_in_place(&mut it.guard, it.unnamed.as_ref(), &path, &full)?;
+                        it.unnamed = None;
                         let md = std::fs::symlink_metadata(&full).map_err(|e| ctx_err(&path, e))?;
                         Ok(Some(StatKey::of(&md)))
                     })();
@@ -1007,6 +1070,48 @@ pub fn read_block(f: &File, i: u64, size: u64, want: &[u8; 32]) -> io::Result<Op
 }
 
 /// Flush every dirty page and inode of the file system holding `f` (one call for a whole batch).
+/// Give an unnamed (`O_TMPFILE`) file the name `to`; fails with `AlreadyExists` if taken.
+fn link_unnamed(f: &File, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let to_c = CString::new(to.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: valid descriptor and NUL-terminated strings for the duration of the calls.
+    // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it, the /proc link of the descriptor
+    // followed does the same.
+    unsafe {
+        if libc::linkat(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        ) == 0
+        {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        let proc_c = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        if libc::linkat(
+            libc::AT_FDCWD,
+            proc_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        ) == 0
+        {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 fn syncfs(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
@@ -1071,4 +1176,33 @@ fn copy_with_writeback(src: &mut File, dst: &mut File) -> io::Result<u64> {
 /// fsync a directory, so the entries just renamed into it survive a power cut.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn unnamed_temp_files_link_once_and_never_over_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir.path())
+            .unwrap();
+        f.write_all(b"content").unwrap();
+        // Nothing is visible before the link.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let to = dir.path().join("placed");
+        link_unnamed(&f, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"content");
+        // A taken name is refused, not replaced (the caller then renames over it).
+        std::fs::write(dir.path().join("taken"), b"old").unwrap();
+        let e = link_unnamed(&f, &dir.path().join("taken")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(dir.path().join("taken")).unwrap(), b"old");
+    }
 }

@@ -1535,9 +1535,6 @@ impl Engine {
                                         n += d.len() as u64;
                                     }
                                     ap.seal(&mut f.building)?;
-                                    // Writeback starts now, so the finisher's flush before
-                                    // the rename mostly waits for what is already under way.
-                                    f.building.start_writeback();
                                     Ok(n)
                                 });
                                 (f, res)
