@@ -199,7 +199,10 @@ async fn control_loop(l: tokio::net::UnixListener, engine: Arc<crate::sync::Engi
             while let Ok(Some(line)) = lines.next_line().await {
                 let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 let answer = match req.get("cmd").and_then(|c| c.as_str()) {
-                    Some("status") => engine.status().await,
+                    Some("status") => match req.get("wait_ms").and_then(|w| w.as_u64()) {
+                        Some(ms) => engine.status_when_synced(Duration::from_millis(ms)).await,
+                        None => engine.status().await,
+                    },
                     _ => serde_json::json!({"error": "unknown command (try {\"cmd\":\"status\"})"}),
                 };
                 let mut text = answer.to_string();
@@ -213,7 +216,7 @@ async fn control_loop(l: tokio::net::UnixListener, engine: Arc<crate::sync::Engi
 }
 
 /// `mybox status`: ask the running daemon.
-pub fn status(b: &BoxDir, json: bool) -> anyhow::Result<()> {
+pub fn status(b: &BoxDir, json: bool, wait: Option<Duration>) -> anyhow::Result<()> {
     let sock = b.control_socket();
     let mut s = std::os::unix::net::UnixStream::connect(&sock).map_err(|_| {
         anyhow::anyhow!(
@@ -221,16 +224,29 @@ pub fn status(b: &BoxDir, json: bool) -> anyhow::Result<()> {
             b.root.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(b"{\"cmd\":\"status\"}\n")?;
+    let request = match wait {
+        Some(w) => {
+            s.set_read_timeout(Some(w + Duration::from_secs(30)))?;
+            format!("{{\"cmd\":\"status\",\"wait_ms\":{}}}\n", w.as_millis())
+        }
+        None => {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            "{\"cmd\":\"status\"}\n".to_string()
+        }
+    };
+    s.write_all(request.as_bytes())?;
     let mut line = String::new();
     BufReader::new(&s)
         .read_line(&mut line)
         .context("reading the daemon's answer")?;
     let v: serde_json::Value =
         serde_json::from_str(&line).context("the daemon's answer is not JSON")?;
+    let not_synced = wait.is_some() && v["synced"].as_bool() != Some(true);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
+        if not_synced {
+            anyhow::bail!("not in sync after {:?}", wait.unwrap_or_default());
+        }
         return Ok(());
     }
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
@@ -275,6 +291,9 @@ pub fn status(b: &BoxDir, json: bool) -> anyhow::Result<()> {
     match v["last_error"].as_str() {
         Some(e) => println!("last error: {e} (at {})", s(&v["last_error_at"])),
         None => println!("last error: none"),
+    }
+    if not_synced {
+        anyhow::bail!("not in sync after {:?}", wait.unwrap_or_default());
     }
     Ok(())
 }

@@ -97,6 +97,15 @@ fn row_to_stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
     })
 }
 
+/// [`Index::get`] on any connection to the index database (e.g. a read-only one of the sync
+/// engine's, which need not wait for the index lock).
+pub fn get_with(conn: &Connection, path: &RelPath) -> anyhow::Result<Option<Stored>> {
+    Ok(conn
+        .prepare_cached("SELECT * FROM files WHERE path = ?1")?
+        .query_row(params![path.as_str()], row_to_stored)
+        .optional()?)
+}
+
 impl Index {
     pub fn open(b: &BoxDir) -> anyhow::Result<Index> {
         let path = b.index_path();
@@ -127,11 +136,7 @@ impl Index {
     }
 
     pub fn get(&self, path: &RelPath) -> anyhow::Result<Option<Stored>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT * FROM files WHERE path = ?1")?
-            .query_row(params![path.as_str()], row_to_stored)
-            .optional()?)
+        get_with(&self.conn, path)
     }
 
     /// Every record (tombstones too), ordered by path.

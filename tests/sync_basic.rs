@@ -174,6 +174,51 @@ fn status_and_single_instance() {
 }
 
 #[test]
+fn status_wait_returns_once_in_sync() {
+    let mut a = TestBox::new("a");
+    let mut b = TestBox::new("b");
+    pair(&a, &b);
+    for i in 0..300 {
+        a.write(
+            &format!("w/d{}/f{i}", i % 7),
+            format!("content {i}").as_bytes(),
+        );
+    }
+    a.start();
+    // Alone, B is not in sync however long it waits: a non-zero exit after the wait.
+    b.start();
+    b.stop();
+    let t0 = std::time::Instant::now();
+    let out = mybox(&a.root, &["status", "--wait", "1"]);
+    assert!(!out.status.success(), "no peer connected: {out:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in sync"));
+    // With the peer up, the wait ends once everything is here, and says so.
+    b.start();
+    let out = mybox(&b.root, &["status", "--json", "--wait", "60"]);
+    assert!(out.status.success(), "{out:?}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["synced"], serde_json::Value::Bool(true), "{st}");
+    assert_eq!(st["to_pull_files"].as_u64(), Some(0), "{st}");
+    assert_eq!(
+        st["peers"][0]["index_received"].as_bool(),
+        Some(true),
+        "{st}"
+    );
+    // Everything is already on disk when it returns (no polling needed).
+    for i in 0..300 {
+        let rel = format!("w/d{}/f{i}", i % 7);
+        assert_eq!(
+            b.read(&rel).as_deref(),
+            Some(format!("content {i}").as_bytes()),
+            "{rel}"
+        );
+    }
+    a.stop();
+    b.stop();
+}
+
+#[test]
 fn transport_udp_carries_the_bulk_data() {
     let mut a = TestBox::new("a");
     let mut b = TestBox::new("b");

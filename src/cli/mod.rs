@@ -101,7 +101,12 @@ pub enum Command {
         rescan_interval: u64,
     },
     /// What the running daemon is doing: peers, what is left to sync, conflicts, last error.
-    Status,
+    Status {
+        /// Wait until this box is in sync (a peer connected, its index received, nothing left
+        /// to pull), at most SECS seconds; exits non-zero if it is not by then.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "3600")]
+        wait: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -257,7 +262,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             rescan_interval,
         } => crate::daemon::run(&find_box(cli.box_dir.as_ref())?, listen, rescan_interval).await,
-        Command::Status => crate::daemon::status(&find_box(cli.box_dir.as_ref())?, cli.json),
+        Command::Status { wait } => crate::daemon::status(
+            &find_box(cli.box_dir.as_ref())?,
+            cli.json,
+            wait.map(std::time::Duration::from_secs),
+        ),
         cmd @ (Command::Index(_) | Command::Hash(_) | Command::Download { .. }) => {
             let b = find_box(cli.box_dir.as_ref())?;
             let session = open_session(&b, &opts).await?;

@@ -5,6 +5,7 @@
 //! (verified) and fetched ones, fsynced, given their mode and mtime, then renamed into place; the
 //! index record is written with the stat key of the result so the scanner sees no change.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -232,6 +233,26 @@ fn fail_all(items: &mut [FinishItem], e: &ApplyError) {
 impl Applier {
     fn full(&self, path: &RelPath) -> Result<PathBuf, ApplyError> {
         resolve_no_follow(&self.root, path).map_err(|e| ApplyError::Other(e.to_string()))
+    }
+
+    /// [`full`](Self::full) for the many files of a batch: a parent already resolved (checked
+    /// to have no link on the way) in this batch is not walked again.
+    fn full_cached(
+        &self,
+        path: &RelPath,
+        parents: &mut HashMap<RelPath, PathBuf>,
+    ) -> Result<PathBuf, ApplyError> {
+        let Some(parent) = path.parent() else {
+            return self.full(path);
+        };
+        if let Some(p) = parents.get(&parent) {
+            return Ok(p.join(path.file_name()));
+        }
+        let full = self.full(path)?;
+        if let Some(p) = full.parent() {
+            parents.insert(parent, p.to_path_buf());
+        }
+        Ok(full)
     }
 
     pub fn stored(&self, path: &RelPath) -> Result<Option<Stored>, ApplyError> {
@@ -771,6 +792,8 @@ impl Applier {
             Ok(mut ix) => ix.transaction(|ix| {
                 let mut seq = ix.seq_alloc()?;
                 let mut renamed = false;
+                // Each parent is checked for links once per batch, not once per file.
+                let mut parents: HashMap<RelPath, PathBuf> = HashMap::new();
                 for it in items.iter_mut().filter(|it| it.result.is_ok()) {
                     let path = it.rec.path.clone();
                     let cur = ix.get(&path)?;
@@ -780,7 +803,7 @@ impl Applier {
                         }
                         // What `disk_matches` and `place` do, resolving the path and looking at
                         // it once instead of three times (a few syscalls per file add up).
-                        let full = self.full(&path)?;
+                        let full = self.full_cached(&path, &mut parents)?;
                         let md = lstat(&full).map_err(|e| ctx_err(&path, e))?;
                         if !self.md_matches(&full, md.as_ref(), cur.as_ref()) {
                             return Err(ApplyError::LocalChange(path.clone()));
@@ -789,8 +812,13 @@ impl Applier {
                             self.clear(&path, &full)?;
                         }
                         self.put_in_place(&mut it.guard, it.unnamed.as_ref(), &path, &full)?;
-                        it.unnamed = None;
-                        let md = std::fs::symlink_metadata(&full).map_err(|e| ctx_err(&path, e))?;
+                        // The linked inode's own metadata is the placed file's (the link
+                        // changed its ctime, so it is read after): no path walk.
+                        let md = match it.unnamed.take() {
+                            Some(f) => f.metadata(),
+                            None => std::fs::symlink_metadata(&full),
+                        }
+                        .map_err(|e| ctx_err(&path, e))?;
                         Ok(Some(StatKey::of(&md)))
                     })();
                     match step {

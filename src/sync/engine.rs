@@ -49,6 +49,8 @@ const UDP_RANGE_BYTES: u64 = 32 * 1024 * 1024;
 const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
+/// Paths planned per taking of the database and index locks.
+const PLAN_LOCK_SLICE: usize = 250;
 /// At most this many files per batch (and fetched files waiting for one).
 const FINISH_BATCH: usize = 512;
 /// Files at most this big are fetched many per request (`GetBatch`, see [`Engine::fetch_group`]),
@@ -74,6 +76,8 @@ struct PeerSlot {
     hint: Arc<Notify>,
     last_error: Option<String>,
     connected_since: Option<SystemTime>,
+    /// The peer's index has been pulled at least once over the current connection.
+    index_received: bool,
 }
 
 #[derive(Default)]
@@ -96,6 +100,9 @@ pub struct Engine {
     /// A connection of its own for `status`: its walk over both indexes (tens of ms at 10k
     /// files) must not hold `db`, which the puller needs for every file it plans and installs.
     status_db: Mutex<Option<SyncDb>>,
+    /// A read-only connection for planning: it reads committed state without waiting for the
+    /// index lock, which the finisher holds for whole batches.
+    plan_db: Arc<Mutex<Option<SyncDb>>>,
     peers: Mutex<HashMap<DeviceId, PeerSlot>>,
     dialers: Mutex<BTreeSet<DeviceId>>,
     dirty: Mutex<BTreeSet<RelPath>>,
@@ -111,6 +118,9 @@ pub struct Engine {
     handler: Arc<dyn Handler>,
     rescan_every: Duration,
     busy: AtomicU64,
+    /// Woken whenever the puller finishes a round or a peer's index arrives (see
+    /// [`Engine::status_when_synced`]).
+    progress: Notify,
     on_applied: Mutex<Option<OnApplied>>,
     /// On-demand mode: files absent here are not pulled in the background, only streamed in
     /// when read ([`Engine::hydrate`]; directories, links, deletions and updates of files
@@ -256,6 +266,7 @@ impl Engine {
             applier,
             db,
             status_db: Mutex::new(None),
+            plan_db: Arc::new(Mutex::new(None)),
             peers: Mutex::new(HashMap::new()),
             dialers: Mutex::new(BTreeSet::new()),
             dirty: Mutex::new(BTreeSet::new()),
@@ -269,6 +280,7 @@ impl Engine {
             shutdown,
             rescan_every,
             busy: AtomicU64::new(0),
+            progress: Notify::new(),
             on_applied: Mutex::new(None),
             on_demand,
             hydrations: Mutex::new(HashMap::new()),
@@ -696,6 +708,7 @@ impl Engine {
         slot.dialled_by_me = dialled_by_me;
         slot.last_error = None;
         slot.connected_since = Some(SystemTime::now());
+        slot.index_received = false;
         let hint = slot.hint.clone();
         drop(peers);
         tracing::info!("syncing with {} ({})", id.short_str(), conn.peer().addr);
@@ -738,6 +751,12 @@ impl Engine {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            if let Some(slot) = lock(&self.peers).get_mut(&id) {
+                if slot.conn.as_ref().is_some_and(|c| same_conn(c, &conn)) {
+                    slot.index_received = true;
+                }
+            }
+            self.progress.notify_waiters();
             tokio::select! {
                 _ = hint.notified() => {}
                 _ = conn.closed() => break,
@@ -1188,6 +1207,7 @@ impl Engine {
             self.busy.fetch_add(1, Ordering::Relaxed);
             self.pull_batch(paths).await;
             self.busy.fetch_sub(1, Ordering::Relaxed);
+            self.progress.notify_waiters();
             self.md5_wake.notify_one();
             let local = self.ctx.local.clone();
             if let Ok(Some(max)) = blocking(move || {
@@ -1219,44 +1239,80 @@ impl Engine {
             .map(|p| p.to_string())
             .collect();
         let stop = self.shutdown.subscribe();
+        let plan_db = self.plan_db.clone();
         blocking(move || -> anyhow::Result<Vec<Planned>> {
             let ignore = IgnoreRules::load(&local.dir);
-            let mut out = Vec::new();
-            for p in paths {
-                if *stop.borrow() {
-                    // Shutting down: the rest is planned again on the next start.
-                    break;
-                }
-                let remotes = lock(&db).remote_records(&p)?;
+            // The pinned peers' records of a path, unless none or the path is ignored here.
+            let wanted_remotes = |remotes: Vec<(String, Record)>, p: &RelPath| {
                 let remotes: Vec<(String, Record)> = remotes
                     .into_iter()
                     .filter(|(peer, _)| pinned.contains(peer))
                     .collect();
-                if remotes.is_empty() {
-                    continue;
+                if remotes.is_empty() || ignore.is_ignored(p, remotes[0].1.kind == Kind::Dir) {
+                    None
+                } else {
+                    Some(remotes)
                 }
-                if ignore.is_ignored(&p, remotes[0].1.kind == Kind::Dir) {
-                    continue;
+            };
+            let mut out = Vec::new();
+            let paths: Vec<RelPath> = paths.into_iter().collect();
+            // Planning reads committed state on a connection of its own: through the engine's
+            // (behind the index lock, which the finisher holds for whole batches), it queued
+            // path by path and a chunk took 100+ ms while the fetch pipeline ran dry. The plan
+            // carries the local record it saw; the apply checks it is still current.
+            let mut reader = lock(&plan_db);
+            if reader.is_none() {
+                *reader = SyncDb::open_reader(&local.dir).ok();
+            }
+            for slice in paths.chunks(PLAN_LOCK_SLICE) {
+                if *stop.borrow() {
+                    // Shutting down: the rest is planned again on the next start.
+                    break;
                 }
-                let l = {
-                    let ix = local
-                        .index
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("index lock"))?;
-                    ix.get(&p)?.map(|s| s.record)
-                };
-                let multi = remotes.len() > 1;
-                for (peer, r) in remotes {
-                    let a = planner::plan(l.as_ref(), &r);
-                    if a != Action::Nothing {
-                        out.push(Planned {
-                            path: p.clone(),
-                            peer,
-                            local: l.clone(),
-                            action: a,
-                            multi,
-                        });
-                        break;
+                let mut wanted = Vec::with_capacity(slice.len());
+                let mut locals = Vec::with_capacity(slice.len());
+                match reader.as_ref() {
+                    Some(r) => {
+                        for p in slice {
+                            let remotes = wanted_remotes(r.remote_records(p)?, p);
+                            if let Some(remotes) = remotes {
+                                locals.push(r.local_record(p)?);
+                                wanted.push((p, remotes));
+                            }
+                        }
+                    }
+                    None => {
+                        // No second connection (an in-memory index): the shared ones.
+                        let db = lock(&db);
+                        for p in slice {
+                            if let Some(remotes) = wanted_remotes(db.remote_records(p)?, p) {
+                                wanted.push((p, remotes));
+                            }
+                        }
+                        drop(db);
+                        let ix = local
+                            .index
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("index lock"))?;
+                        for (p, _) in &wanted {
+                            locals.push(ix.get(p)?.map(|s| s.record));
+                        }
+                    }
+                }
+                for ((p, remotes), l) in wanted.into_iter().zip(locals) {
+                    let multi = remotes.len() > 1;
+                    for (peer, r) in remotes {
+                        let a = planner::plan(l.as_ref(), &r);
+                        if a != Action::Nothing {
+                            out.push(Planned {
+                                path: p.clone(),
+                                peer,
+                                local: l.clone(),
+                                action: a,
+                                multi,
+                            });
+                            break;
+                        }
                     }
                 }
             }
@@ -1939,6 +1995,44 @@ impl Engine {
 
     // ---------------------------------------------------------------- status
 
+    /// The status once this box is in sync: at least one peer connected, every connected peer's
+    /// index received, nothing being pulled and nothing left to pull. Event-driven (woken by the
+    /// puller and the index exchange), so waiting costs nothing while the sync runs, where
+    /// polling `status` meant a full pass over both indexes each time. `synced` says whether
+    /// that state was reached before `timeout`.
+    pub async fn status_when_synced(self: &Arc<Self>, timeout: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let woken = self.progress.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let idle = self.busy.load(Ordering::Relaxed) == 0 && lock(&self.dirty).is_empty();
+            let peers_ready = {
+                let peers = lock(&self.peers);
+                let live: Vec<&PeerSlot> = peers
+                    .values()
+                    .filter(|s| s.conn.as_ref().is_some_and(|c| !c.is_closed()))
+                    .collect();
+                !live.is_empty() && live.iter().all(|s| s.index_received)
+            };
+            let timed_out = tokio::time::Instant::now() >= deadline;
+            if (idle && peers_ready) || timed_out {
+                let mut st = self.status().await;
+                let synced = idle && peers_ready && st["to_pull_files"].as_u64() == Some(0);
+                if synced || timed_out {
+                    st["synced"] = serde_json::Value::Bool(synced);
+                    return st;
+                }
+            }
+            // Woken by progress, or a look every so often (a retry coming due, a peer leaving).
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
     pub async fn status(self: &Arc<Self>) -> serde_json::Value {
         let me = self.clone();
         blocking(move || me.status_blocking())
@@ -2057,6 +2151,7 @@ impl Engine {
                 "short": id.short_str(),
                 "addr": cfg.as_ref().and_then(|c| c.find_peer(&id)).map(|p| p.addr.clone()),
                 "connected": connected,
+                "index_received": connected && s.is_some_and(|s| s.index_received),
                 "connected_since": s.and_then(|s| s.connected_since).map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
                 "to_pull_files": nf,
                 "to_pull_bytes": nb,

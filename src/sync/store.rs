@@ -84,6 +84,11 @@ impl SyncDb {
         Ok(db)
     }
 
+    /// This box's own record of `path`, as last committed (see [`crate::index::get_with`]).
+    pub fn local_record(&self, path: &RelPath) -> anyhow::Result<Option<Record>> {
+        Ok(crate::index::get_with(&self.conn, path)?.map(|s| s.record))
+    }
+
     pub fn open_in_memory() -> anyhow::Result<SyncDb> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
