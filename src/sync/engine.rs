@@ -103,6 +103,8 @@ pub struct Engine {
     /// A read-only connection for planning: it reads committed state without waiting for the
     /// index lock, which the finisher holds for whole batches.
     plan_db: Arc<Mutex<Option<SyncDb>>>,
+    /// The same for the scanner's first look at event paths (see [`Engine::run_scan`]).
+    scan_db: Arc<Mutex<Option<SyncDb>>>,
     peers: Mutex<HashMap<DeviceId, PeerSlot>>,
     dialers: Mutex<BTreeSet<DeviceId>>,
     dirty: Mutex<BTreeSet<RelPath>>,
@@ -267,6 +269,7 @@ impl Engine {
             db,
             status_db: Mutex::new(None),
             plan_db: Arc::new(Mutex::new(None)),
+            scan_db: Arc::new(Mutex::new(None)),
             peers: Mutex::new(HashMap::new()),
             dialers: Mutex::new(BTreeSet::new()),
             dirty: Mutex::new(BTreeSet::new()),
@@ -535,17 +538,36 @@ impl Engine {
         let local = self.ctx.local.clone();
         let db = self.db.clone();
         let me = self.me;
-        let res = blocking(move || -> anyhow::Result<(Vec<RelPath>, u64)> {
+        let scan_db = self.scan_db.clone();
+        let res = blocking(move || -> anyhow::Result<(Vec<RelPath>, Option<u64>)> {
+            // Most events are about our own applies, already indexed with their stat key: drop
+            // those before deciding what to scan, so a burst of received files does not turn
+            // into full rescans. The first look is on a read-only connection, without the index
+            // lock (the finisher's batches need it; 10,000 installed files meant 10,000 lookups
+            // under it); what is left is looked at again under the lock.
+            let paths: BTreeSet<RelPath> = {
+                let mut reader = lock(&scan_db);
+                if reader.is_none() {
+                    *reader = SyncDb::open_reader(&local.dir).ok();
+                }
+                match reader.as_ref() {
+                    Some(r) => paths
+                        .into_iter()
+                        .filter(|p| !unchanged(&local.dir.root, |p| r.local_stored(p), p))
+                        .collect(),
+                    None => paths,
+                }
+            };
+            if paths.is_empty() {
+                return Ok((Vec::new(), None));
+            }
             let mut ix = local
                 .index
                 .lock()
                 .map_err(|_| anyhow::anyhow!("index lock"))?;
-            // Most events are about our own applies, already indexed with their stat key: drop
-            // those before deciding what to scan, so a burst of received files does not turn
-            // into full rescans.
             let paths: BTreeSet<RelPath> = paths
                 .into_iter()
-                .filter(|p| !unchanged(&local.dir.root, &ix, p))
+                .filter(|p| !unchanged(&local.dir.root, |p| ix.get(p), p))
                 .collect();
             let roots = reduce_roots(paths);
             let mut changed = Vec::new();
@@ -572,7 +594,7 @@ impl Engine {
             for (p, b) in blocks {
                 db.set_blocks(&p, &b)?;
             }
-            Ok((changed, max))
+            Ok((changed, Some(max)))
         })
         .await;
         match res {
@@ -581,11 +603,13 @@ impl Engine {
                     tracing::debug!("scan: {} changed", changed.len());
                     self.md5_wake.notify_one();
                 }
-                self.seq_tx.send_if_modified(|v| {
-                    let m = *v != max;
-                    *v = max;
-                    m
-                });
+                if let Some(max) = max {
+                    self.seq_tx.send_if_modified(|v| {
+                        let m = *v != max;
+                        *v = max;
+                        m
+                    });
+                }
             }
             Ok(Err(e)) | Err(e) => self.set_error(format!("scan failed: {e:#}")),
         }
@@ -2211,11 +2235,15 @@ fn raise_fd_limit() {
 
 /// Is `p` (a file, link or absent path; never a directory, whose children may have changed
 /// unseen) exactly as the index describes it? Then an event about it needs no scan.
-fn unchanged(root: &std::path::Path, ix: &crate::index::Index, p: &RelPath) -> bool {
+fn unchanged(
+    root: &std::path::Path,
+    get: impl Fn(&RelPath) -> anyhow::Result<Option<crate::index::Stored>>,
+    p: &RelPath,
+) -> bool {
     if p.is_root() {
         return false;
     }
-    let Ok(Some(st)) = ix.get(p) else {
+    let Ok(Some(st)) = get(p) else {
         return false;
     };
     let r = &st.record;

@@ -86,7 +86,12 @@ impl SyncDb {
 
     /// This box's own record of `path`, as last committed (see [`crate::index::get_with`]).
     pub fn local_record(&self, path: &RelPath) -> anyhow::Result<Option<Record>> {
-        Ok(crate::index::get_with(&self.conn, path)?.map(|s| s.record))
+        Ok(self.local_stored(path)?.map(|s| s.record))
+    }
+
+    /// [`local_record`](Self::local_record) with the stat key it was recorded with.
+    pub fn local_stored(&self, path: &RelPath) -> anyhow::Result<Option<crate::index::Stored>> {
+        crate::index::get_with(&self.conn, path)
     }
 
     pub fn open_in_memory() -> anyhow::Result<SyncDb> {
