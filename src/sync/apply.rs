@@ -210,16 +210,6 @@ pub struct FlushedBatch {
     sync_fd: Option<File>,
 }
 
-impl FlushedBatch {
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-}
-
 /// Every file of a batch still going fails with `e`.
 fn fail_all(items: &mut [FinishItem], e: &ApplyError) {
     for it in items.iter_mut().filter(|it| it.result.is_ok()) {
