@@ -31,8 +31,11 @@ pub const TTL: Duration = Duration::from_secs(10);
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
 /// How long an open waits for the RELEASE of closed passthrough handles of its inode (see
-/// [`FuseFs::settle`]).
-const RELEASE_WAIT: Duration = Duration::from_millis(50);
+/// [`FuseFs::settle`]). It normally comes within a millisecond; 50 ms was not enough with both
+/// cores busy (a CI run beside a test loop: a reader tied to the old backing file then saw a
+/// writer's bytes). Only an open whose inode was just closed, or is still open through a
+/// duplicated descriptor, can wait this long.
+const RELEASE_WAIT: Duration = Duration::from_millis(500);
 
 /// Backing files registered for passthrough, per inode: every passthrough open of one inode
 /// must use the same backing file, so registrations are shared while any open holds them.
