@@ -224,6 +224,7 @@ pub fn status(b: &BoxDir, json: bool, wait: Option<Duration>) -> anyhow::Result<
             b.root.display()
         )
     })?;
+    let wait = wait.map(|w| w.min(crate::sync::engine::MAX_STATUS_WAIT));
     let request = match wait {
         Some(w) => {
             s.set_read_timeout(Some(w + Duration::from_secs(30)))?;

@@ -193,6 +193,23 @@ fn status_wait_returns_once_in_sync() {
     assert!(!out.status.success(), "no peer connected: {out:?}");
     assert!(t0.elapsed() >= Duration::from_millis(900));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in sync"));
+    // An absurd wait is clamped, not an overflow: the daemon keeps answering.
+    let mut waiting = std::process::Command::new(BIN)
+        .arg("--box")
+        .arg(&a.root)
+        .args(["status", "--wait", "18446744073709551615"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "status --wait MAX must wait, not fail"
+    );
+    waiting.kill().unwrap();
+    let _ = waiting.wait();
+    assert!(mybox(&a.root, &["status"]).status.success());
     // With the peer up, the wait ends once everything is here, and says so.
     b.start();
     let out = mybox(&b.root, &["status", "--json", "--wait", "60"]);

@@ -49,6 +49,8 @@ const UDP_RANGE_BYTES: u64 = 32 * 1024 * 1024;
 const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
 /// Dirty paths planned at a time.
 const PLAN_CHUNK: usize = 1000;
+/// The longest `status --wait` honoured.
+pub const MAX_STATUS_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// Paths planned per taking of the database and index locks.
 const PLAN_LOCK_SLICE: usize = 250;
 /// At most this many files per batch (and fetched files waiting for one).
@@ -2025,6 +2027,9 @@ impl Engine {
     /// polling `status` meant a full pass over both indexes each time. `synced` says whether
     /// that state was reached before `timeout`.
     pub async fn status_when_synced(self: &Arc<Self>, timeout: Duration) -> serde_json::Value {
+        // A day at most: any larger ask (a typo, a hostile control request) must not overflow
+        // the clock arithmetic.
+        let timeout = timeout.min(MAX_STATUS_WAIT);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let woken = self.progress.notified();
