@@ -559,6 +559,14 @@ fn disk_full_on_receiver_reports_and_resumes() {
 /// the file system (size, mtime, ctime and inode unchanged: what bit rot looks like). Returns
 /// the mount, b, the original and the corrupted content. None when this machine cannot do it.
 fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<u8>)> {
+    silently_corrupted_box_of(dir, 2 * MIB)
+}
+
+/// [`silently_corrupted_box`] with a `precious.bin` of `size` bytes (more than 300,000).
+fn silently_corrupted_box_of(
+    dir: &Path,
+    size: usize,
+) -> Option<(Mounted, TestBox, Vec<u8>, Vec<u8>)> {
     let img = dir.join("disk.img");
     File::create(&img).ok()?.set_len(64 * MIB as u64).ok()?;
     let ok = Command::new("mkfs.ext4")
@@ -575,7 +583,7 @@ fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<
     let m = Mounted::ext4_image(&img, &mnt)?;
     let b = box_at(&m.0.join("b"), "b");
     let marker = b"<<mybox-fault-scenario-block-to-corrupt>>";
-    let mut good = pattern(77, 2 * MIB);
+    let mut good = pattern(77, size);
     let at = 300_000; // inside the third 128 KiB block
     good[at..at + marker.len()].copy_from_slice(marker);
     b.write("precious.bin", &good);
@@ -701,6 +709,48 @@ fn corrupted_block_is_never_served() {
         b.stderr()
     );
     report("corrupted-block", 1, 1, 1, 0);
+    a.kill9();
+    b.kill9();
+}
+
+/// A small file (fetched in a `GetBatch` with other files, which the sender serves without
+/// hashing while the file is as indexed) whose block is corrupted: the asker's own check catches
+/// it, asks again with the sender checking, and the sender refuses and reports it. The peer
+/// never stores the corrupted bytes and the healthy files of the batch still arrive.
+#[test]
+fn corrupted_small_file_in_a_batch_is_never_stored() {
+    if !is_root() {
+        eprintln!("skipping: loop-mounting an ext4 image needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_m, mut b, good, bad)) = silently_corrupted_box_of(dir.path(), 400_000) else {
+        return;
+    };
+    let mut a = TestBox::new("a");
+    pair(&a, &b);
+    b.start();
+    a.start();
+    wait_for("the healthy file to sync", CONVERGE, || {
+        a.read("healthy.txt").is_some()
+    });
+    wait_for("b to report the corrupted file", CONVERGE, || {
+        b.status_json()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("precious.bin") && e.contains("does not match"))
+    });
+    let got = a.read("precious.bin");
+    assert!(
+        got.is_none() || got.as_deref() == Some(&good[..]),
+        "the peer stored content that is not the recorded version"
+    );
+    assert_ne!(got.as_deref(), Some(&bad[..]));
+    let log = fs::read_to_string(a.log_path()).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("precious.bin") && l.contains("sender checking every block")),
+        "a did not ask again with the sender checking:\n{log}"
+    );
     a.kill9();
     b.kill9();
 }

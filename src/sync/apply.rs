@@ -39,6 +39,9 @@ pub enum ApplyError {
     Unavailable(RelPath),
     #[error("disk full: {0}")]
     NoSpace(String),
+    /// A block from the peer did not match its hash.
+    #[error("{0}")]
+    Mismatch(String),
     #[error("{0}")]
     Other(String),
 }
@@ -139,7 +142,7 @@ impl Building {
         })?;
         if data.len() as u64 != self.block_len(i) || <[u8; 32]>::from(Sha256::digest(data)) != *want
         {
-            return Err(ApplyError::Other(format!(
+            return Err(ApplyError::Mismatch(format!(
                 "{}: block {i} from the peer does not match its hash",
                 self.rec.path
             )));

@@ -1132,11 +1132,28 @@ impl Engine {
         let local = self.ctx.local.clone();
         let (tx, mut rx) = mpsc::channel::<Vec<proto::RunAnswer>>(1);
         let reader = tokio::task::spawn_blocking(move || -> Vec<String> {
+            // What the index holds for the batch's files, read under one lock: a file still as
+            // indexed is served without hashing it again (the asker checks every block anyway
+            // and asks for a mismatched file again, then with `GetBlocks`, which hashes here).
+            let known: HashMap<RelPath, crate::index::Stored> = match local.index.lock() {
+                Ok(ix) => {
+                    // One read transaction (rolled back when dropped): SQLite takes its locks
+                    // once for the batch, not once per lookup.
+                    let tx = ix.conn().unchecked_transaction().ok();
+                    let known = runs
+                        .iter()
+                        .filter_map(|r| Some((r.path.clone(), ix.get(&r.path).ok().flatten()?)))
+                        .collect();
+                    drop(tx);
+                    known
+                }
+                Err(_) => HashMap::new(),
+            };
             let mut corrupt = Vec::new();
             let mut frame = Vec::new();
             let mut bytes = 0usize;
             for run in runs {
-                let answer = match read_run(&root, &locks, &local, &run) {
+                let answer = match read_run(&root, &locks, &local, known.get(&run.path), &run) {
                     Ok(blocks) => {
                         bytes += blocks.iter().map(|b| b.len()).sum::<usize>();
                         proto::RunAnswer::Blocks(
@@ -1548,6 +1565,55 @@ impl Engine {
         true
     }
 
+    /// Fetch the missing blocks of a batch file again with `GetBlocks` (the sender hashes every
+    /// block), write and seal it: after a block of it failed its check.
+    async fn refetch_checked(
+        &self,
+        peer: &str,
+        mut f: Fetched,
+        first_error: ApplyError,
+    ) -> Result<(Fetched, u64), (RelPath, bool, ApplyError)> {
+        tracing::warn!("{first_error}; asking again with the sender checking every block");
+        let (path, multi) = (f.pl.path.clone(), f.pl.multi);
+        let Some(conn) = self.conn_for(peer) else {
+            return Err((path.clone(), multi, ApplyError::Unavailable(path)));
+        };
+        let mut fetched = Vec::new();
+        for run in runs(&f.building.missing, proto::MAX_BLOCKS_PER_REQUEST) {
+            let hashes = run
+                .iter()
+                .map(|i| f.building.rec.blocks[*i as usize])
+                .collect();
+            let rec_path = f.building.rec.path.clone();
+            match fetch_run_checked(conn.clone(), rec_path, run[0], hashes).await {
+                Ok((first, blocks)) => fetched.push((first, blocks)),
+                Err(e) => return Err((path, multi, e)),
+            }
+        }
+        let ap = self.applier.clone();
+        let done = blocking(move || {
+            let res = (|| {
+                let mut n = 0;
+                for (first, blocks) in &fetched {
+                    n += write_blocks(&f.building, *first, blocks)?;
+                }
+                ap.seal(&mut f.building)?;
+                Ok(n)
+            })();
+            (f, res)
+        })
+        .await;
+        match done {
+            Ok((f, Ok(n))) => Ok((f, n)),
+            Ok((_, Err(e))) => Err((path, multi, e)),
+            Err(e) => Err((
+                path.clone(),
+                multi,
+                ApplyError::Other(format!("{path}: {e:#}")),
+            )),
+        }
+    }
+
     /// Fetch a group of small new files from one peer and hand them to the finisher: one
     /// blocking call builds every temp file from local blocks, one `GetBatch` (or a few) brings
     /// all the missing blocks, one blocking call checks and writes them. Per file that replaces
@@ -1627,12 +1693,22 @@ impl Engine {
                     match written {
                         Ok(written) => {
                             for (f, res) in written {
+                                let res = match res {
+                                    // The sender served it unhashed (as indexed): ask again
+                                    // with the sender checking every block, so a corrupted
+                                    // file there is refused and reported, not asked for forever.
+                                    Err(e @ ApplyError::Mismatch(_)) => {
+                                        self.refetch_checked(&peer, f, e).await
+                                    }
+                                    Ok(n) => Ok((f, n)),
+                                    Err(e) => Err((f.pl.path, f.pl.multi, e)),
+                                };
                                 match res {
-                                    Ok(n) => {
+                                    Ok((f, n)) => {
                                         self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
                                         ready.push(f);
                                     }
-                                    Err(e) => self.settle(f.pl.path, f.pl.multi, None, Err(e)),
+                                    Err((path, multi, e)) => self.settle(path, multi, None, Err(e)),
                                 }
                             }
                         }
@@ -2419,13 +2495,16 @@ fn run_err(code: ErrorCode, message: String) -> RunError {
 }
 
 /// Read one run of a `GetBatch` for a peer: the same checks as `GetBlocks` (no symlinked
-/// parent, `open_beneath`, a shared lock so a file being written is never shipped, every block
-/// hashed against what was announced), except that a file being written is refused at once as
-/// busy (the asker retries it) instead of holding up the rest of the batch.
+/// parent, `open_beneath`, a shared lock so a file being written is never shipped), except that
+/// a file being written is refused at once as busy (the asker retries it) instead of holding up
+/// the rest of the batch, and that blocks are hashed against what was announced only when the
+/// file is not exactly as indexed (`known`, same stat key and the asked blocks recorded), as
+/// `GetIndexedBlocks` does.
 fn read_run(
     root: &std::path::Path,
     locks: &Arc<crate::locks::LockManager>,
     local: &crate::query::LocalBox,
+    known: Option<&crate::index::Stored>,
     run: &proto::BlockRun,
 ) -> Result<Vec<Vec<u8>>, RunError> {
     let p = &run.path;
@@ -2445,10 +2524,23 @@ fn read_run(
             format!("{p}: not a regular file"),
         ));
     }
+    let trusted = known.is_some_and(|s| {
+        !s.record.deleted
+            && s.stat == Some(crate::hashing::StatKey::of(&md))
+            && usize::try_from(run.first)
+                .ok()
+                .and_then(|f| s.record.blocks.get(f..f.checked_add(run.hashes.len())?))
+                == Some(&run.hashes[..])
+    });
     let mut out = Vec::with_capacity(run.hashes.len());
     for (k, h) in run.hashes.iter().enumerate() {
         let i = run.first.saturating_add(k as u64);
-        match apply::read_block(&f, i, md.len(), h) {
+        let block = if trusted {
+            read_raw_block(&f, i, md.len()).map(Some)
+        } else {
+            apply::read_block(&f, i, md.len(), h)
+        };
+        match block {
             Ok(Some(b)) => out.push(b),
             Ok(None) => {
                 let recorded = local
