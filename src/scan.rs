@@ -100,6 +100,14 @@ pub fn disk_entry(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEnt
     entry_at(&full, path)
 }
 
+/// lstat `path` with one call, without checking its parents for symlinks: only for asking
+/// whether a path is still exactly as the index recorded it. A stat key names one inode, so
+/// a match through a parent swapped for a link is still the recorded file; and the swap is an
+/// event of its own, scanned with the checks.
+pub fn disk_entry_as_recorded(root: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
+    entry_at(&path.to_fs(root), path)
+}
+
 /// lstat `full` (whose parents are known to be real directories) as `path`.
 fn entry_at(full: &Path, path: &RelPath) -> std::io::Result<Option<DiskEntry>> {
     let md = std::fs::symlink_metadata(full)?;
@@ -135,6 +143,9 @@ pub fn walk(root: &Path, under: &RelPath, ignore: &IgnoreRules) -> Vec<DiskEntry
     let mut stack = vec![under.clone()];
     if !under.is_root() {
         match disk_entry(root, under) {
+            // An event about an ignored path (or one below an ignored directory) is no reason to
+            // index it: only walks of its parents used to skip it.
+            Ok(Some(e)) if ignore.is_ignored(under, e.kind == Kind::Dir) => return out,
             Ok(Some(e)) => {
                 let is_dir = e.kind == Kind::Dir;
                 out.push(e);
@@ -548,6 +559,22 @@ mod tests {
         std::fs::write(b.root.join("x.tmp"), b"t").unwrap();
         std::fs::create_dir(b.root.join("build")).unwrap();
         std::fs::write(b.root.join("build/out"), b"o").unwrap();
+        // A scan of the ignored paths themselves (what an inotify event asks for) skips them
+        // too, as does the walk from the root.
+        for p in ["x.tmp", "build/out", "build"] {
+            scan(
+                &b,
+                &mut ix,
+                7,
+                &RelPath::parse(p).unwrap(),
+                HashWanted::None,
+            )
+            .unwrap();
+            assert!(
+                ix.get(&RelPath::parse(p).unwrap()).unwrap().is_none(),
+                "{p}"
+            );
+        }
         scan(&b, &mut ix, 7, &RelPath::root(), HashWanted::None).unwrap();
         assert!(ix.get(&RelPath::parse("x.tmp").unwrap()).unwrap().is_none());
         assert!(ix

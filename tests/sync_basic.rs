@@ -135,6 +135,9 @@ fn ignore_file_keeps_paths_out() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(!b.path("app.log").exists());
     assert!(!b.path("build").exists());
+    // Kept out of a's own index too (not merely ignored again by b, which has a's ignore file).
+    assert_eq!(local_mode(&a, "app.log"), None);
+    assert_eq!(local_mode(&a, "build/out.o"), None);
 }
 
 #[test]

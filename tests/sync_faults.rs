@@ -58,6 +58,60 @@ fn edit_beats_concurrent_delete() {
     assert!(conflict_copies(&t).is_empty());
 }
 
+/// A peer's edit that lost to this box's version is taken once this box deletes its own: the
+/// delete is planned again against the peer's record. (The randomized test found boxes stuck
+/// apart: b kept its edit, since an edit beats a concurrent delete, and waited for a to pull it;
+/// a had weighed b's edit against its own newer version, done nothing, and never looked again,
+/// since nothing new came from b.) b ignores the file after its edit, so it never takes a's
+/// version and announces nothing more, which makes the order of events deterministic.
+#[test]
+fn delete_after_winning_a_conflict_takes_the_peers_edit() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut a, b) = two_boxes();
+    a.write("f.txt", b"base");
+    set_mtime(&a.path("f.txt"), T1);
+    wait_converged(&[&a, &b], CONVERGE);
+    a.stop();
+    // b's edit (a chmod: same content, same mtime), then b stops syncing the file.
+    std::fs::set_permissions(b.path("f.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    wait_for("b to index its chmod", CONVERGE, || {
+        local_mode(&b, "f.txt") == Some(0o755)
+    });
+    b.write(".myboxignore", b"f.txt\n.myboxignore\n");
+    // a's concurrent edit, newer: it wins against b's when a weighs them.
+    a.write("f.txt", b"a's newer edit");
+    set_mtime(&a.path("f.txt"), T2);
+    a.start();
+    wait_for("a to receive b's index", CONVERGE, || {
+        a.status_json()["peers"][0]["index_received"] == serde_json::json!(true)
+    });
+    // Let a weigh b's edit (and do nothing: its own version wins).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.read("f.txt").unwrap(), b"a's newer edit");
+    std::fs::remove_file(a.path("f.txt")).unwrap();
+    // a's delete is concurrent with b's edit: the edit wins and comes back to a.
+    let end = std::time::Instant::now() + CONVERGE;
+    while a.read("f.txt").as_deref() != Some(&b"base"[..]) {
+        let paths = ["f.txt".to_string()];
+        assert!(
+            std::time::Instant::now() < end,
+            "b's edit did not come back to a:\na: {}\nb: {}\n{}\n--- a log ---\n{}",
+            index_records(&a, &paths),
+            index_records(&b, &paths),
+            a.status_text(),
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(a.path("f.txt"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o755);
+    assert_eq!(b.read("f.txt").unwrap(), b"base");
+}
+
 #[test]
 fn identical_content_is_not_a_conflict() {
     let (a, mut b) = two_boxes();

@@ -359,6 +359,9 @@ impl Engine {
         for p in paths {
             self.request_scan(p.clone());
         }
+        // Already in the index, so the scanner will not report them as changed: plan them
+        // against the peers' versions here (see `run_scan`).
+        self.mark_dirty(paths.iter().cloned());
         // The mount commits files without their MD5.
         self.md5_wake.notify_one();
     }
@@ -604,6 +607,12 @@ impl Engine {
                 if !changed.is_empty() {
                     tracing::debug!("scan: {} changed", changed.len());
                     self.md5_wake.notify_one();
+                    // Plan these paths again against what the peers have: a peer's version
+                    // that this box's old version beat (so nothing was done) may now be the one
+                    // to take, e.g. it is an edit and the local change was a delete. That peer
+                    // waits for this box to pull its edit, and nothing new would arrive from it
+                    // to trigger the pull.
+                    self.mark_dirty(changed);
                 }
                 if let Some(max) = max {
                     self.seq_tx.send_if_modified(|v| {
@@ -2328,7 +2337,7 @@ fn unchanged(
         return false;
     };
     let r = &st.record;
-    match scan::disk_entry(root, p) {
+    match scan::disk_entry_as_recorded(root, p) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.deleted,
         Ok(Some(e)) if !r.deleted && e.kind == r.kind && e.mode == r.mode => match e.kind {
             Kind::File => r.is_hashed() && st.stat == Some(e.stat) && e.mtime_ns == r.mtime_ns,

@@ -157,6 +157,16 @@ impl TestBox {
         }
     }
 
+    /// `mybox status --json` as text, whatever it says (for failure messages).
+    pub fn status_text(&self) -> String {
+        let out = mybox(&self.root, &["status", "--json"]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let out = mybox(&self.root, &["status", "--json"]);
         assert!(out.status.success(), "status: {out:?}");
@@ -320,6 +330,19 @@ pub fn wait_converged(boxes: &[&TestBox], timeout: Duration) -> Tree {
             }
         }
         if Instant::now() > deadline {
+            let differing = differing_paths(boxes);
+            let records: Vec<String> = boxes
+                .iter()
+                .map(|b| {
+                    format!(
+                        "--- {} index records of differing paths ---\n{}\n--- {} status ---\n{}",
+                        b.name,
+                        index_records(b, &differing),
+                        b.name,
+                        b.status_text()
+                    )
+                })
+                .collect();
             let logs: Vec<String> = boxes
                 .iter()
                 .map(|b| {
@@ -333,12 +356,61 @@ pub fn wait_converged(boxes: &[&TestBox], timeout: Duration) -> Tree {
                 })
                 .collect();
             panic!(
-                "boxes did not converge within {timeout:?}:\n{last_diff}\n{}",
+                "boxes did not converge within {timeout:?}:\n{last_diff}\n{}\n{}",
+                records.join("\n"),
                 logs.join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Paths whose entries differ between the boxes, with their parent directories.
+fn differing_paths(boxes: &[&TestBox]) -> Vec<String> {
+    let trees: Vec<Tree> = boxes.iter().map(|b| b.snapshot()).collect();
+    let mut out = std::collections::BTreeSet::new();
+    for t in &trees[1..] {
+        for k in trees[0].keys().chain(t.keys()) {
+            if trees[0].get(k) != t.get(k) {
+                let mut p = k.as_str();
+                out.insert(p.to_string());
+                while let Some((parent, _)) = p.rsplit_once('/') {
+                    out.insert(parent.to_string());
+                    p = parent;
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// What `b`'s index holds for `paths` (version vectors included), read beside the daemon.
+pub fn index_records(b: &TestBox, paths: &[String]) -> String {
+    let opened = mybox::config::BoxDir::open(&b.root).and_then(|d| mybox::index::Index::open(&d));
+    let ix = match opened {
+        Ok(ix) => ix,
+        Err(e) => return format!("(index not readable: {e:#})"),
+    };
+    let mut out = String::new();
+    for p in paths {
+        let rec = mybox::paths::RelPath::parse(p)
+            .map_err(anyhow::Error::from)
+            .and_then(|rp| ix.get(&rp));
+        match rec {
+            Ok(Some(st)) => out.push_str(&format!("  {p}: {:?} stat {:?}\n", st.record, st.stat)),
+            Ok(None) => out.push_str(&format!("  {p}: no record\n")),
+            Err(e) => out.push_str(&format!("  {p}: {e:#}\n")),
+        }
+    }
+    out
+}
+
+/// The mode `b`'s own index records for `path` (None: no live record).
+pub fn local_mode(b: &TestBox, path: &str) -> Option<u32> {
+    let d = mybox::config::BoxDir::open(&b.root).ok()?;
+    let ix = mybox::index::Index::open(&d).ok()?;
+    let st = ix.get(&mybox::paths::RelPath::parse(path).ok()?).ok()??;
+    (!st.record.deleted).then_some(st.record.mode)
 }
 
 /// Wait until `f` holds.
