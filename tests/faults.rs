@@ -558,15 +558,8 @@ fn disk_full_on_receiver_reports_and_resumes() {
 /// An ext4 image holding box `b` with one file whose on-disk bytes are then flipped underneath
 /// the file system (size, mtime, ctime and inode unchanged: what bit rot looks like). Returns
 /// the mount, b, the original and the corrupted content. None when this machine cannot do it.
-fn silently_corrupted_box(dir: &Path) -> Option<(Mounted, TestBox, Vec<u8>, Vec<u8>)> {
-    silently_corrupted_box_of(dir, 2 * MIB)
-}
-
-/// [`silently_corrupted_box`] with a `precious.bin` of `size` bytes (more than 300,000).
-fn silently_corrupted_box_of(
-    dir: &Path,
-    size: usize,
-) -> Option<(Mounted, TestBox, Vec<u8>, Vec<u8>)> {
+/// `precious.bin` has `size` bytes (more than 300,000).
+fn silently_corrupted_box(dir: &Path, size: usize) -> Option<(Mounted, TestBox, Vec<u8>, Vec<u8>)> {
     let img = dir.join("disk.img");
     File::create(&img).ok()?.set_len(64 * MIB as u64).ok()?;
     let ok = Command::new("mkfs.ext4")
@@ -638,16 +631,25 @@ fn silently_corrupted_box_of(
     Some((m, b, good, bad))
 }
 
-#[test]
-fn corrupted_block_is_never_served() {
+/// Daemons a and b running and paired, b holding a silently corrupted `precious.bin` of `size`
+/// bytes and a healthy file that has already reached a. None when this machine cannot set it
+/// up (not root, no mkfs.ext4). Fields drop in order: daemons, then the image, then its folder.
+struct CorruptedPair {
+    a: TestBox,
+    b: TestBox,
+    good: Vec<u8>,
+    bad: Vec<u8>,
+    _image: Mounted,
+    dir: tempfile::TempDir,
+}
+
+fn corrupted_pair(size: usize) -> Option<CorruptedPair> {
     if !is_root() {
         eprintln!("skipping: loop-mounting an ext4 image needs root");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let Some((_m, mut b, good, bad)) = silently_corrupted_box(dir.path()) else {
-        return;
-    };
+    let (image, mut b, good, bad) = silently_corrupted_box(dir.path(), size)?;
     let mut a = TestBox::new("a");
     pair(&a, &b);
     b.start();
@@ -655,6 +657,23 @@ fn corrupted_block_is_never_served() {
     wait_for("the healthy file to sync", CONVERGE, || {
         a.read("healthy.txt").is_some()
     });
+    Some(CorruptedPair {
+        a,
+        b,
+        good,
+        bad,
+        _image: image,
+        dir,
+    })
+}
+
+#[test]
+fn corrupted_block_is_never_served() {
+    // Not destructured: the fields must drop in their order (daemons, image, folder).
+    let Some(mut p) = corrupted_pair(2 * MIB) else {
+        return;
+    };
+    let (a, b, good, bad) = (&mut p.a, &mut p.b, &p.good, &p.bad);
     // Give the engine time to try the corrupted file (and retry it).
     std::thread::sleep(Duration::from_secs(4));
     let got = a.read("precious.bin");
@@ -664,7 +683,7 @@ fn corrupted_block_is_never_served() {
     );
     assert_ne!(got.as_deref(), Some(&bad[..]));
     // download tcp from the corrupted box: refused, nothing written.
-    let out_path = dir.path().join("downloaded.bin");
+    let out_path = p.dir.path().join("downloaded.bin");
     let out = mybox(
         &a.root,
         &[
@@ -719,21 +738,10 @@ fn corrupted_block_is_never_served() {
 /// never stores the corrupted bytes and the healthy files of the batch still arrive.
 #[test]
 fn corrupted_small_file_in_a_batch_is_never_stored() {
-    if !is_root() {
-        eprintln!("skipping: loop-mounting an ext4 image needs root");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let Some((_m, mut b, good, bad)) = silently_corrupted_box_of(dir.path(), 400_000) else {
+    let Some(mut p) = corrupted_pair(400_000) else {
         return;
     };
-    let mut a = TestBox::new("a");
-    pair(&a, &b);
-    b.start();
-    a.start();
-    wait_for("the healthy file to sync", CONVERGE, || {
-        a.read("healthy.txt").is_some()
-    });
+    let (a, b, good, bad) = (&mut p.a, &mut p.b, &p.good, &p.bad);
     wait_for("b to report the corrupted file", CONVERGE, || {
         b.status_json()["last_error"]
             .as_str()
@@ -760,18 +768,10 @@ fn corrupted_small_file_in_a_batch_is_never_stored() {
 /// stayed silent while the peer retried forever).
 #[test]
 fn corrupted_block_is_reported_in_status() {
-    if !is_root() {
-        eprintln!("skipping: loop-mounting an ext4 image needs root");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let Some((_m, mut b, _good, _bad)) = silently_corrupted_box(dir.path()) else {
+    let Some(mut p) = corrupted_pair(2 * MIB) else {
         return;
     };
-    let mut a = TestBox::new("a");
-    pair(&a, &b);
-    b.start();
-    a.start();
+    let (a, b) = (&mut p.a, &mut p.b);
     wait_for(
         "b to report the corrupted file in its status",
         CONVERGE,
