@@ -342,6 +342,23 @@ fn mount_missing_names_appear_when_created() {
 }
 
 #[test]
+fn mount_reads_ahead_a_mebibyte() {
+    if !can_mount() {
+        return;
+    }
+    let m = Mount::new();
+    // Sequential reads served by mybox (placeholders, no passthrough) come as 1 MiB requests,
+    // not the kernel's default 128 KiB: the mount raises its own read-ahead.
+    let dev = fs::metadata(&m.mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
+}
+
+#[test]
 fn mount_large_file_reads_match() {
     if !can_mount() {
         return;
