@@ -248,14 +248,13 @@ impl Receiver {
         })
     }
 
-    pub fn write(&mut self, data: Vec<u8>) -> anyhow::Result<()> {
+    pub fn write(&mut self, data: bytes::Bytes) -> anyhow::Result<()> {
         let f = self
             .file
             .as_mut()
             .ok_or_else(|| anyhow!("receiver closed"))?;
         // Hash first, then write: the hash threads get the bytes while this thread may sit in the
         // kernel's dirty-page throttling, so MD5 (the slowest step) never waits on the disk.
-        let data = Arc::new(data);
         if let Some(p) = &self.pipeline {
             p.feed(data.clone())?;
         }
@@ -424,7 +423,7 @@ async fn download_tcp_once(
         return Err(fatal(anyhow!("{path}: not a regular file")));
     }
     // Blocking file writes happen on a dedicated thread fed through a bounded channel.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
     let dest_owned = dest.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<Receiver> {
         let mut r = Receiver::create(&dest_owned)?;
@@ -441,7 +440,7 @@ async fn download_tcp_once(
                 if let Some(p) = &progress {
                     p(got, entry.size);
                 }
-                if tx.send(d).is_err() {
+                if tx.send(d.into_bytes()).is_err() {
                     break None;
                 }
             }

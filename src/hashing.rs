@@ -106,8 +106,8 @@ impl StreamHasher {
 /// MD5 and SHA-256 (+ blocks) on two helper threads, fed chunks in order: a receiver or a
 /// sender hashes at the speed of two cores while its own thread does I/O.
 pub struct Pipeline {
-    md5_tx: Option<mpsc::SyncSender<Arc<Vec<u8>>>>,
-    sha_tx: Option<mpsc::SyncSender<Arc<Vec<u8>>>>,
+    md5_tx: Option<mpsc::SyncSender<bytes::Bytes>>,
+    sha_tx: Option<mpsc::SyncSender<bytes::Bytes>>,
     md5_thread: Option<std::thread::JoinHandle<[u8; 16]>>,
     sha_thread: Option<std::thread::JoinHandle<StreamHasher>>,
 }
@@ -125,8 +125,8 @@ impl Pipeline {
 
     /// `blocks = false` skips the per-block hashes (a download only verifies whole-file digests).
     pub fn with_blocks(blocks: bool) -> Self {
-        let (md5_tx, md5_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
-        let (sha_tx, sha_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(8);
+        let (md5_tx, md5_rx) = mpsc::sync_channel::<bytes::Bytes>(8);
+        let (sha_tx, sha_rx) = mpsc::sync_channel::<bytes::Bytes>(8);
         let md5_thread = std::thread::spawn(move || {
             let mut m = Md5::new();
             for chunk in md5_rx {
@@ -154,7 +154,8 @@ impl Pipeline {
         }
     }
 
-    pub fn feed(&self, chunk: Arc<Vec<u8>>) -> io::Result<()> {
+    /// Hash `chunk` next (a `Bytes` clone shares the buffer with the caller).
+    pub fn feed(&self, chunk: bytes::Bytes) -> io::Result<()> {
         let dead = || io::Error::other("hash thread ended early");
         self.md5_tx
             .as_ref()
@@ -225,7 +226,7 @@ pub fn hash_reader(mut r: impl Read, size_hint: u64) -> io::Result<FileHashes> {
         if chunk.is_empty() {
             break;
         }
-        p.feed(Arc::new(chunk))?;
+        p.feed(chunk.into())?;
     }
     p.finish()
 }

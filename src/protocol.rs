@@ -17,6 +17,100 @@ pub const ENTRIES_PER_FRAME: usize = 2000;
 /// Protocol version spoken; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 2;
 
+/// The bytes of a data message (a download chunk, a block). A chunk decoded by
+/// [`decode_shared`] is a view into the received frame's own buffer: the data is not copied
+/// out of the frame (bulk transfers copied every byte once more here). Decoded any other way
+/// it owns a copy. On the wire it is a plain byte string, as `serde_bytes` writes one.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Chunk(bytes::Bytes);
+
+impl Chunk {
+    pub fn into_bytes(self) -> bytes::Bytes {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Chunk {
+    fn from(v: Vec<u8>) -> Chunk {
+        Chunk(bytes::Bytes::from(v))
+    }
+}
+
+impl From<bytes::Bytes> for Chunk {
+    fn from(b: bytes::Bytes) -> Chunk {
+        Chunk(b)
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Chunk({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Chunk {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+thread_local! {
+    /// The frame buffer [`decode_shared`] is decoding on this thread, if any.
+    static DECODING: std::cell::RefCell<Option<bytes::Bytes>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+struct ChunkVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ChunkVisitor {
+    type Value = Chunk;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+
+    fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Chunk, E> {
+        // Borrowed from the input: when that input is the frame buffer being decoded by
+        // `decode_shared`, share it instead of copying.
+        let shared = DECODING.with(|d| {
+            d.borrow().as_ref().and_then(|src| {
+                let (base, p) = (src.as_ptr() as usize, v.as_ptr() as usize);
+                (p >= base && p + v.len() <= base + src.len()).then(|| src.slice_ref(v))
+            })
+        });
+        Ok(Chunk(
+            shared.unwrap_or_else(|| bytes::Bytes::copy_from_slice(v)),
+        ))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Chunk, E> {
+        Ok(Chunk(bytes::Bytes::copy_from_slice(v)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Chunk, E> {
+        Ok(Chunk::from(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Chunk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Chunk, D::Error> {
+        d.deserialize_bytes(ChunkVisitor)
+    }
+}
+
 /// Which paths a listing selects.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ListFilter {
@@ -84,7 +178,7 @@ pub enum Response {
     FileHeader {
         entry: EntryInfo,
     },
-    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Data(Chunk),
     /// End of a download: hashes of exactly the bytes sent.
     FileTrailer {
         md5: [u8; 16],
@@ -172,6 +266,44 @@ pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
     codec()
         .deserialize(body)
         .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Decode one frame body taken whole from the connection: the [`Chunk`]s in it are views into
+/// `body`, not copies.
+pub fn decode_shared(body: bytes::Bytes) -> Result<Frame, FrameError> {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            DECODING.with(|d| d.borrow_mut().take());
+        }
+    }
+    DECODING.with(|d| *d.borrow_mut() = Some(body.clone()));
+    let _clear = Clear;
+    decode(&body)
+}
+
+/// Encode a `Response::Data` frame as a head (length prefix and everything up to the data) and
+/// the data itself, which is then written to the connection without being copied into a frame
+/// buffer first. `head` followed by `data` is exactly what [`encode`] makes of the same frame.
+pub fn encode_data(id: u32, end: bool, data: &Chunk) -> Result<Vec<u8>, FrameError> {
+    let empty = encode(&Frame::Response {
+        id,
+        end,
+        body: Response::Data(Chunk::default()),
+    })?;
+    // The frame ends with the data's length, a varint; an empty chunk's is the single byte 0.
+    let len = codec()
+        .serialize(&(data.len() as u64))
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let size = empty.len() - 4 - 1 + len.len() + data.len();
+    if size > MAX_FRAME {
+        return Err(FrameError::TooLarge(size));
+    }
+    let mut head = empty;
+    head.pop();
+    head.extend_from_slice(&len);
+    head[..4].copy_from_slice(&(size as u32).to_be_bytes());
+    Ok(head)
 }
 
 /// Try to take one frame off the front of `buf` (for fuzzing and tests): `Ok(None)` means more
@@ -300,7 +432,7 @@ pub fn sample_frames() -> Vec<Frame> {
         Response::FileHeader {
             entry: entry.clone(),
         },
-        Response::Data(vec![0, 1, 2, 255]),
+        Response::Data(vec![0, 1, 2, 255].into()),
         Response::FileTrailer {
             md5: [7; 16],
             sha256: [8; 32],
@@ -312,10 +444,7 @@ pub fn sample_frames() -> Vec<Frame> {
         }),
         Response::Sync(SyncResponse::Ack),
         Response::Sync(SyncResponse::Runs(vec![
-            RunAnswer::Blocks(vec![
-                serde_bytes::ByteBuf::from(vec![1, 2]),
-                serde_bytes::ByteBuf::new(),
-            ]),
+            RunAnswer::Blocks(vec![vec![1, 2].into(), Chunk::default()]),
             RunAnswer::Failed {
                 code: ErrorCode::Changed,
                 message: "m".into(),
@@ -424,6 +553,75 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shared_decode_views_the_frame_buffer() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let frame = Frame::Response {
+            id: 3,
+            end: false,
+            body: Response::Sync(crate::sync::proto::SyncResponse::Runs(vec![
+                crate::sync::proto::RunAnswer::Blocks(vec![data[..1000].to_vec().into()]),
+            ])),
+        };
+        for f in [
+            frame,
+            Frame::Response {
+                id: 7,
+                end: true,
+                body: Response::Data(data.clone().into()),
+            },
+        ] {
+            let bytes = encode(&f).unwrap();
+            let body = bytes::Bytes::copy_from_slice(&bytes[4..]);
+            let back = decode_shared(body.clone()).unwrap();
+            assert_eq!(back, f);
+            let chunk = match &back {
+                Frame::Response {
+                    body: Response::Data(c),
+                    ..
+                } => c.clone(),
+                Frame::Response {
+                    body: Response::Sync(crate::sync::proto::SyncResponse::Runs(r)),
+                    ..
+                } => match &r[0] {
+                    crate::sync::proto::RunAnswer::Blocks(b) => b[0].clone(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            };
+            // The chunk lies inside the frame buffer: nothing was copied.
+            let (base, p) = (body.as_ptr() as usize, chunk.as_ptr() as usize);
+            assert!(p >= base && p + chunk.len() <= base + body.len());
+            // A plain decode copies, and nothing is left behind for the next decode.
+            let plain = decode(&bytes[4..]).unwrap();
+            assert_eq!(plain, f);
+        }
+    }
+
+    #[test]
+    fn data_head_and_data_are_the_encoded_frame() {
+        // Lengths around each varint width boundary, and a block.
+        for len in [0usize, 1, 250, 251, 252, 65_535, 65_536, 131_072, 1 << 20] {
+            let data: Chunk = (0..len).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into();
+            for (id, end) in [(0u32, false), (1, true), (u32::MAX, false)] {
+                let whole = encode(&Frame::Response {
+                    id,
+                    end,
+                    body: Response::Data(data.clone()),
+                })
+                .unwrap();
+                let mut parts = encode_data(id, end, &data).unwrap();
+                parts.extend_from_slice(&data);
+                assert_eq!(parts, whole, "len {len} id {id}");
+            }
+        }
+        let too_big: Chunk = vec![0u8; MAX_FRAME].into();
+        assert!(matches!(
+            encode_data(1, false, &too_big),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
     fn roundtrip() {
         let frames = vec![
             Frame::Request {
@@ -435,7 +633,7 @@ mod tests {
             Frame::Response {
                 id: 1,
                 end: false,
-                body: Response::Data(vec![1, 2, 3]),
+                body: Response::Data(vec![1, 2, 3].into()),
             },
             Frame::Cancel { id: 9 },
             Frame::Request {

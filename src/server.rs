@@ -235,7 +235,7 @@ async fn serve_one(ctx: &Arc<ServerCtx>, conn: &Conn, req: Request, out: Respond
 /// What the reader thread of a download produces.
 enum Chunk {
     Header(EntryInfo),
-    Data(Vec<u8>),
+    Data(bytes::Bytes),
     Trailer(FileHashes),
     Fail(QueryError),
 }
@@ -263,7 +263,7 @@ async fn serve_download(
             Chunk::Header(entry) => out.send(Response::FileHeader { entry }).await?,
             Chunk::Data(d) => {
                 sent += d.len() as u64;
-                if out.send(Response::Data(d)).await.is_err() {
+                if out.send(Response::Data(d.into())).await.is_err() {
                     outcome = "cancelled".into();
                     break;
                 }
@@ -414,22 +414,15 @@ fn read_for_download(
             check_blocks(path, &opened.blocks, pos, &chunk)?;
         }
         let end = pos + chunk.len() as u64;
-        let arc = Arc::new(chunk);
+        let chunk = bytes::Bytes::from(chunk);
         if let Some(p) = &pipeline {
-            p.feed(arc.clone())
+            p.feed(chunk.clone())
                 .map_err(|e| QueryError::new(ErrorCode::Internal, e.to_string()))?;
         }
         if end > offset {
             let skip = offset.saturating_sub(pos) as usize;
-            let data = match Arc::try_unwrap(arc) {
-                Ok(mut v) if skip == 0 => {
-                    v.shrink_to_fit();
-                    v
-                }
-                Ok(v) => v[skip..].to_vec(),
-                Err(a) => a[skip..].to_vec(),
-            };
-            tx.blocking_send(Chunk::Data(data)).map_err(|_| closed())?;
+            tx.blocking_send(Chunk::Data(chunk.slice(skip..)))
+                .map_err(|_| closed())?;
         }
         pos = end;
     }

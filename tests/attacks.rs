@@ -344,7 +344,7 @@ async fn still_serves(a: &mut TestBox, client: &Identity) {
     match ask(&mut s, 1, &req).await {
         Outcome::Answer(r) => assert!(
             r.iter()
-                .any(|x| matches!(x, Response::Data(d) if d == b"fine\n")),
+                .any(|x| matches!(x, Response::Data(d) if &d[..] == b"fine\n")),
             "{r:?}"
         ),
         other => panic!("the daemon stopped serving: {other:?}"),
@@ -1076,7 +1076,7 @@ async fn run_hostile_peer(
                     ) => {
                         asked_blocks.push(path.to_string());
                         for _ in hashes {
-                            replies.push((false, Response::Data(content.clone())));
+                            replies.push((false, Response::Data(content.clone().into())));
                         }
                         replies.push((true, Response::Done));
                     }
@@ -1084,11 +1084,8 @@ async fn run_hostile_peer(
                         let mut answers = Vec::new();
                         for run in runs {
                             asked_blocks.push(run.path.to_string());
-                            let blocks = run
-                                .hashes
-                                .iter()
-                                .map(|_| serde_bytes::ByteBuf::from(content.clone()))
-                                .collect();
+                            let blocks =
+                                run.hashes.iter().map(|_| content.clone().into()).collect();
                             answers.push(mybox::sync::proto::RunAnswer::Blocks(blocks));
                         }
                         replies.push((false, Response::Sync(SyncResponse::Runs(answers))));

@@ -55,7 +55,7 @@ pub enum RpcError {
 }
 
 struct Shared {
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<Outgoing>,
     pending: Mutex<HashMap<u32, mpsc::Sender<(Response, bool)>>>,
     cancelled: Mutex<HashSet<u32>>,
     next_id: AtomicU32,
@@ -80,6 +80,29 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// One encoded frame on its way to the writer task: the whole frame in `head`, or for a data
+/// frame its head and then the data, which is not copied into a frame buffer first.
+struct Outgoing {
+    head: Vec<u8>,
+    data: Option<bytes::Bytes>,
+}
+
+impl From<Vec<u8>> for Outgoing {
+    fn from(head: Vec<u8>) -> Outgoing {
+        Outgoing { head, data: None }
+    }
+}
+
+impl Outgoing {
+    async fn write_to<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+        wr.write_all(&self.head).await?;
+        if let Some(d) = &self.data {
+            wr.write_all(d).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Sends the responses to one request.
 pub struct Responder {
     id: u32,
@@ -101,15 +124,23 @@ impl Responder {
         {
             return Err(RpcError::Cancelled);
         }
-        let bytes = protocol::encode(&Frame::Response {
-            id: self.id,
-            end,
-            body,
-        })?;
+        let frame = match body {
+            // Bulk data goes out as it is, after a head encoded on its own.
+            Response::Data(d) => Outgoing {
+                head: protocol::encode_data(self.id, end, &d)?,
+                data: Some(d.into_bytes()),
+            },
+            body => protocol::encode(&Frame::Response {
+                id: self.id,
+                end,
+                body,
+            })?
+            .into(),
+        };
         self.ended = end;
         self.shared
             .out
-            .send(bytes)
+            .send(frame)
             .await
             .map_err(|_| RpcError::Closed)
     }
@@ -154,7 +185,7 @@ impl Drop for Responder {
                     message: "request ended without an answer".into(),
                 },
             }) {
-                let _ = self.shared.out.try_send(bytes);
+                let _ = self.shared.out.try_send(bytes.into());
             }
         }
         if let Ok(mut c) = self.shared.cancelled.lock() {
@@ -198,7 +229,7 @@ impl Drop for ResponseStream {
         }
         if !self.done {
             if let Ok(bytes) = protocol::encode(&Frame::Cancel { id: self.id }) {
-                let _ = self.shared.out.try_send(bytes);
+                let _ = self.shared.out.try_send(bytes.into());
             }
         }
     }
@@ -243,7 +274,7 @@ impl Conn {
         let bytes = protocol::encode(&Frame::Request { id, body })?;
         self.shared
             .out
-            .send(bytes)
+            .send(bytes.into())
             .await
             .map_err(|_| RpcError::Closed)?;
         Ok(stream)
@@ -283,7 +314,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
     let shared = Arc::new(Shared {
         out: out_tx,
         pending: Mutex::new(HashMap::new()),
@@ -299,13 +330,13 @@ where
 
     let writer_shared = shared.clone();
     let writer = tokio::spawn(async move {
-        while let Some(bytes) = out_rx.recv().await {
-            if wr.write_all(&bytes).await.is_err() {
+        while let Some(frame) = out_rx.recv().await {
+            if frame.write_to(&mut wr).await.is_err() {
                 break;
             }
             // Coalesce: only flush once the queue is momentarily empty.
             while let Ok(more) = out_rx.try_recv() {
-                if wr.write_all(&more).await.is_err() {
+                if more.write_to(&mut wr).await.is_err() {
                     mark_closed(&writer_shared);
                     return;
                 }
@@ -381,7 +412,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if got != len {
             anyhow::bail!("connection closed in the middle of a {len}-byte frame");
         }
-        match protocol::decode(&body)? {
+        match protocol::decode_shared(body.into())? {
             Frame::Response { id, end, body } => {
                 let tx = shared.pending.lock().ok().and_then(|p| p.get(&id).cloned());
                 if let Some(tx) = tx {

@@ -13,7 +13,7 @@ use crate::identity::DeviceId;
 use crate::model::{Kind, Record, VersionVector, VvOrder};
 use crate::net::rpc::{Conn, Handler, Responder, RpcError};
 use crate::paths::RelPath;
-use crate::protocol::{ErrorCode, Request, Response};
+use crate::protocol::{Chunk, ErrorCode, Request, Response};
 use crate::scan::{self, HashWanted, IgnoreRules};
 use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
 use crate::sync::apply::{self, Applier, ApplyError, Building, FlushedBatch};
@@ -1086,7 +1086,7 @@ impl Engine {
             Ok(Ok(blocks)) => {
                 let n = blocks.len();
                 for b in blocks {
-                    if out.send(Response::Data(b)).await.is_err() {
+                    if out.send(Response::Data(b.into())).await.is_err() {
                         return "cancelled".into();
                     }
                 }
@@ -1165,9 +1165,7 @@ impl Engine {
                 let answer = match read_run(&root, &locks, &local, known.get(&run.path), &run) {
                     Ok(blocks) => {
                         bytes += blocks.iter().map(|b| b.len()).sum::<usize>();
-                        proto::RunAnswer::Blocks(
-                            blocks.into_iter().map(serde_bytes::ByteBuf::from).collect(),
-                        )
+                        proto::RunAnswer::Blocks(blocks.into_iter().map(Chunk::from).collect())
                     }
                     Err(RunError {
                         code,
@@ -2398,7 +2396,7 @@ fn prepare_group(
 }
 
 /// Blocks of one file fetched by a batch: (block index, data), or why they are not here.
-type FileBlocks = Result<Vec<(u64, Vec<u8>)>, ApplyError>;
+type FileBlocks = Result<Vec<(u64, Chunk)>, ApplyError>;
 
 /// Fetch the missing blocks of every file of `files` with `GetBatch` requests (as few as the
 /// per-request limits allow); one answer per file, in order. `Err` only when the requests
@@ -2456,7 +2454,7 @@ async fn fetch_batch(conn: &Conn, files: &[Fetched]) -> Result<Vec<FileBlocks>, 
                         match a {
                             proto::RunAnswer::Blocks(bs) if bs.len() == want => {
                                 for (k, d) in bs.into_iter().enumerate() {
-                                    got.push((first + k as u64, d.into_vec()));
+                                    got.push((first + k as u64, d));
                                 }
                             }
                             proto::RunAnswer::Blocks(_) => {
@@ -2587,7 +2585,7 @@ async fn fetch_run(
     path: RelPath,
     first: u64,
     hashes: Vec<[u8; 32]>,
-) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+) -> Result<(u64, Vec<Chunk>), ApplyError> {
     fetch_blocks(conn, path, first, hashes, false).await
 }
 
@@ -2598,7 +2596,7 @@ async fn fetch_run_checked(
     path: RelPath,
     first: u64,
     hashes: Vec<[u8; 32]>,
-) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+) -> Result<(u64, Vec<Chunk>), ApplyError> {
     fetch_blocks(conn, path, first, hashes, true).await
 }
 
@@ -2608,7 +2606,7 @@ async fn fetch_blocks(
     first: u64,
     hashes: Vec<[u8; 32]>,
     sender_checks: bool,
-) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+) -> Result<(u64, Vec<Chunk>), ApplyError> {
     let req = if sender_checks {
         SyncRequest::GetBlocks {
             path: path.clone(),
@@ -2632,7 +2630,7 @@ async fn write_run(
     conn: &Conn,
     b: &Building,
     first: u64,
-    blocks: Vec<Vec<u8>>,
+    blocks: Vec<Chunk>,
 ) -> Result<u64, ApplyError> {
     match write_blocks(b, first, &blocks) {
         Ok(n) => Ok(n),
@@ -2645,7 +2643,7 @@ async fn write_run(
 }
 
 /// Write blocks `first, first+1, ...` into `b`, each checked against its hash; the bytes written.
-fn write_blocks(b: &Building, first: u64, blocks: &[Vec<u8>]) -> Result<u64, ApplyError> {
+fn write_blocks(b: &Building, first: u64, blocks: &[Chunk]) -> Result<u64, ApplyError> {
     let mut n = 0;
     for (k, d) in blocks.iter().enumerate() {
         b.write_block(first + k as u64, d)?;
@@ -2667,7 +2665,7 @@ async fn request_blocks(
     path: RelPath,
     first: u64,
     req: SyncRequest,
-) -> Result<(u64, Vec<Vec<u8>>), ApplyError> {
+) -> Result<(u64, Vec<Chunk>), ApplyError> {
     let want = match &req {
         SyncRequest::GetBlocks { hashes, .. } | SyncRequest::GetIndexedBlocks { hashes, .. } => {
             hashes.len()

@@ -39,7 +39,7 @@ pub struct BlockRun {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum RunAnswer {
     /// Every block of the run, in order.
-    Blocks(Vec<serde_bytes::ByteBuf>),
+    Blocks(Vec<crate::protocol::Chunk>),
     /// None of them (the same refusals as `GetBlocks`: changed, busy, not found, ...).
     Failed { code: ErrorCode, message: String },
 }

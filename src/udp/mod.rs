@@ -744,7 +744,7 @@ fn hash_behind(
             };
         }
         pos += n as u64;
-        pipe.feed(Arc::new(buf))?;
+        pipe.feed(buf.into())?;
     }
     pipe.finish()
 }
