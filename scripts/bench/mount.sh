@@ -5,7 +5,8 @@
 #
 # - sequential read of a 1 GiB file (dd bs=1M), warm page cache (the file is "hydrated")
 # - `find` and `ls -lR` over the rust std docs tree (~2,600 entries)
-# - copying that tree into the mount vs into a native folder
+# - copying that tree into the mount vs into a native folder, and into a do-nothing FUSE mirror
+#   (examples/fuse_floor.rs, same mount options as mybox): what FUSE itself costs on this machine
 # - on-demand: the first read of the 1 GiB file through `mybox mount --on-demand` of a fresh box
 #   paired with a daemon serving it on 127.0.0.1 (content fetched from the peer when read)
 # Each measurement: one warm-up run, then RUNS timed runs; the median is reported.
@@ -21,6 +22,8 @@ if [[ -z "$bin" ]]; then
     bin="$here/target/release/mybox"
 fi
 bin="$(realpath "$bin")"
+(cd "$here" && cargo build --quiet --release --example fuse_floor)
+floor_bin="$here/target/release/examples/fuse_floor"
 RUNS="${RUNS:-3}"
 BIG_MB="${BIG_MB:-1024}"
 SSH_PORT="${SSH_PORT:-2232}"
@@ -35,6 +38,8 @@ STORE="$WORK/store"
 SSH_DIR="$WORK/ssh"
 declare -A MNT=([mybox]="$WORK/mnt-mybox" [sshfs]="$WORK/mnt-sshfs" [rclone]="$WORK/mnt-rclone")
 OD_MNT="$WORK/mnt-ondemand"
+FLOOR_MNT="$WORK/mnt-floor"
+FLOOR_BACK="$WORK/floor-back"
 OD_PEER="$WORK/od-peer"
 
 cleanup() {
@@ -46,6 +51,7 @@ cleanup() {
         fi
     done
     if mountpoint -q "$OD_MNT" 2>/dev/null; then "$bin" umount "$OD_MNT" || umount -l "$OD_MNT"; fi
+    if mountpoint -q "$FLOOR_MNT" 2>/dev/null; then umount "$FLOOR_MNT" || umount -l "$FLOOR_MNT"; fi
     sleep 0.5
     # Only the processes this script started (matched by their unique mount points and boxes).
     for p in $(pgrep -f "mount ${MNT[mybox]}\$"; pgrep -f "mount $STORE ${MNT[rclone]}"; pgrep -f "box $OD_PEER daemon"; pgrep -f "mount $OD_MNT --"); do
@@ -158,13 +164,22 @@ for k in native mybox sshfs rclone; do
         R[$k,lsc]=$(measure "ls -lR '$base/tree'" "'$WORK/up-$k.sh'")
     fi
 done
-# The copies alternate native / mybox run by run, so a burst of load from elsewhere on the
-# machine hits both sides of the ratio alike (one warm-up each, then RUNS timed runs each).
-log "native, mybox: cp -r tree (alternating)"
+# The copies alternate native / do-nothing FUSE mirror / mybox run by run, so a burst of load
+# from elsewhere on the machine hits every side of the ratios alike (one warm-up each, then
+# RUNS timed runs each).
+mkdir -p "$FLOOR_MNT" "$FLOOR_BACK"
+setsid "$floor_bin" "$FLOOR_BACK" "$FLOOR_MNT" >>"$WORK/floor.log" 2>&1 </dev/null &
+for _ in $(seq 200); do mountpoint -q "$FLOOR_MNT" && break; sleep 0.05; done
+mountpoint -q "$FLOOR_MNT" || { log "fuse_floor did not mount: $(cat "$WORK/floor.log")"; exit 1; }
+log "native, floor, mybox: cp -r tree (alternating)"
 declare -A CP_T
 for i in $(seq 0 "$RUNS"); do
-    for k in native mybox; do
-        if [[ $k == native ]]; then dest="$NATIVE_COPY/copy"; else dest="${MNT[mybox]}/copy"; fi
+    for k in native floor mybox; do
+        case $k in
+            native) dest="$NATIVE_COPY/copy" ;;
+            floor) dest="$FLOOR_MNT/copy" ;;
+            mybox) dest="${MNT[mybox]}/copy" ;;
+        esac
         rm -rf "$dest"
         t0=$(date +%s.%N)
         cp -r "$TREE_SRC" "$dest"
@@ -172,7 +187,8 @@ for i in $(seq 0 "$RUNS"); do
         [[ $i -eq 0 ]] || CP_T[$k]+=" $(echo "$t1 - $t0" | bc -l)"
     done
 done
-for k in native mybox; do
+umount "$FLOOR_MNT"
+for k in native floor mybox; do
     R[$k,cp]=$(printf '%s\n' ${CP_T[$k]} | sort -g | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}')
 done
 [[ $(find "${MNT[mybox]}/copy" | wc -l) -eq $(find "$TREE_SRC" | wc -l) ]] || { log "copy into mybox incomplete"; exit 1; }
@@ -205,6 +221,7 @@ for i in $(seq "$RUNS"); do
     dd if="$OD_MNT/big.bin" of=/dev/null bs=1M 2>/dev/null || { log "on-demand read failed"; exit 1; }
     t1=$(date +%s.%N)
     od_times+=("$(echo "$t1 - $t0" | bc -l)")
+    log "on-demand run $i: ${od_times[-1]} s"
     # The file is installed in the store right after its last block arrived (in the background).
     for _ in $(seq 600); do [[ -f "$a/big.bin" ]] && break; sleep 0.05; done
     cmp "$STORE/big.bin" "$a/big.bin"
@@ -232,9 +249,10 @@ echo "| ls -lR tree, warm (s) | ${R[native,ls]} | ${R[mybox,ls]} | ${R[sshfs,ls]
 echo "| find tree, fresh mount (s) | | ${R[mybox,findc]} | ${R[sshfs,findc]} | ${R[rclone,findc]} |"
 echo "| ls -lR tree, fresh mount (s) | | ${R[mybox,lsc]} | ${R[sshfs,lsc]} | ${R[rclone,lsc]} |"
 echo "| cp -r tree in (s) | ${R[native,cp]} | ${R[mybox,cp]} | | |"
+echo "| cp -r tree into a do-nothing FUSE mirror, same mount options (s) | | ${R[floor,cp]} | | |"
 echo
 echo "targets: read >= 90% of native: $(pct "${R[native,dd]}" "${R[mybox,dd]}");" \
     "find vs sshfs: warm $(ratio "${R[sshfs,find]}" "${R[mybox,find]}"), fresh $(ratio "${R[sshfs,findc]}" "${R[mybox,findc]}");" \
     "ls -lR vs sshfs: warm $(ratio "${R[sshfs,ls]}" "${R[mybox,ls]}"), fresh $(ratio "${R[sshfs,lsc]}" "${R[mybox,lsc]}");" \
-    "copy <= 2x native: $(ratio "${R[mybox,cp]}" "${R[native,cp]}");" \
+    "copy <= 2x native: $(ratio "${R[mybox,cp]}" "${R[native,cp]}") (do-nothing FUSE mirror: $(ratio "${R[floor,cp]}" "${R[native,cp]}"));" \
     "on-demand first read >= 500 MB/s: $(mbps "${R[ondemand,dd]}") MB/s"

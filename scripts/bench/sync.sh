@@ -445,15 +445,55 @@ def tcp_bytes(pid):
     return total
 
 
+def write_big(path, size):
+    with open(path, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for i in range(size >> 20):
+            f.write(chunk[i % 7:] + chunk[:i % 7])
+
+
+def flip_middle_byte(path, size):
+    with open(path, "r+b") as f:
+        f.seek(size // 2 + 12345)
+        old = f.read(1)
+        f.seek(size // 2 + 12345)
+        new = bytes([old[0] ^ 0xFF])
+        f.write(new)
+    return new
+
+
+def one_byte_rsync(size):
+    """The same change handed to `rsync -a --no-whole-file` (its delta algorithm; local copies
+    skip it by default): what rewriting the file costs this machine at this moment, since any
+    tool that never shows a half-written file builds a whole new 1 GiB copy. Not continuous, so
+    no detection time; rsync does not fsync what it writes. Returns the time and the bytes its
+    sender sent its receiver."""
+    if not shutil.which("rsync"):
+        return None, None
+    w = fresh("rsync-1g")
+    src, dst = os.path.join(w, "A"), os.path.join(w, "B")
+    os.makedirs(src)
+    write_big(os.path.join(src, "big.bin"), size)
+    run("rsync", "-a", src + "/", dst + "/")
+    os.sync()
+    time.sleep(1)
+    flip_middle_byte(os.path.join(src, "big.bin"), size)
+    t0 = time.time()
+    out = run("rsync", "-a", "--no-whole-file", "--stats", src + "/", dst + "/").stdout
+    t = time.time() - t0
+    sent = None
+    for line in out.splitlines():
+        if line.startswith("Total bytes sent:"):
+            sent = int(line.split(":")[1].strip().replace(",", ""))
+    return t, sent
+
+
 def one_byte_mybox(size):
     w = fresh("mybox-1g")
     a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
     pair(a, b)
     path = os.path.join(a.root, "big.bin")
-    with open(path, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for i in range(size >> 20):
-            f.write(chunk[i % 7:] + chunk[:i % 7])
+    write_big(path, size)
     a.start(); b.start()
     wait_synced(b, 1)
     # The setup's own writes (this script's 1 GiB, not fsynced) must not be what the timed
@@ -462,12 +502,7 @@ def one_byte_mybox(size):
     time.sleep(1)
     before = tcp_bytes(a.proc.pid)
     t0 = time.time()
-    with open(path, "r+b") as f:
-        f.seek(size // 2 + 12345)
-        old = f.read(1)
-        f.seek(size // 2 + 12345)
-        new = bytes([old[0] ^ 0xFF])
-        f.write(new)
+    new = flip_middle_byte(path, size)
     target = os.path.join(b.root, "big.bin")
     # The new version is installed by one rename: the changed byte showing at B's path is the
     # end (reading one byte every 5 ms costs B nothing, unlike a status pass).
@@ -548,8 +583,12 @@ def main():
             size = (256 if QUICK else 1024) << 20
             log(f"one-byte change in a {size >> 20} MiB file")
             t, moved = one_byte_mybox(size)
+            rt, rsent = one_byte_rsync(size)
             rows.append((f"one byte changed in a {size >> 20} MiB file: time, bytes on the wire",
-                         f"{t:.2f} s, {moved / 1024:.0f} KiB", "", "", ""))
+                         f"{t:.2f} s, {moved / 1024:.0f} KiB",
+                         "n/a" if rt is None else
+                         f"{rt:.2f} s, {'?' if rsent is None else f'{rsent / 1024:.0f}'} KiB"
+                         " (--no-whole-file)", "", ""))
         if "--skip-100k" not in ARGS:
             n = 20000 if QUICK else 100000
             log(f"{n} files: memory")
