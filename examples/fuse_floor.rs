@@ -140,6 +140,26 @@ impl FloorFs {
         Ok(attr_of(lock(&self.inodes).get_or_insert(p), &st))
     }
 
+    /// Remove `name` from `parent` with `how` (unlink or rmdir) and forget its inode.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        how: unsafe extern "C" fn(*const libc::c_char) -> libc::c_int,
+    ) -> Result<(), Errno> {
+        let p = self.path(parent)?.join(name);
+        let c = cpath(&p)?;
+        // SAFETY: `c` is a valid C string.
+        if unsafe { how(c.as_ptr()) } != 0 {
+            return Err(last_errno());
+        }
+        let mut t = lock(&self.inodes);
+        if let Some(i) = t.by_path.remove(&p) {
+            t.by_ino.remove(&i);
+        }
+        Ok(())
+    }
+
     fn passthrough(&self, fd: libc::c_int) -> Result<(u64, File), Errno> {
         if fd < 0 {
             return Err(last_errno());
@@ -208,6 +228,20 @@ impl Filesystem for FloorFs {
         });
         match made {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent, name, libc::unlink) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(parent, name, libc::rmdir) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
