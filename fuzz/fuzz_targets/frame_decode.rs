@@ -3,9 +3,11 @@
 //! whatever decodes re-encodes to a frame that decodes to the same value. Half the inputs are
 //! raw streams of frames; the other half start from an encoded sample of one message variant
 //! (every request, response, sync and UDP message; see `protocol::sample_frames`) and overwrite,
-//! insert or cut bytes in it, so every variant's decoder is reached on every run.
+//! insert or cut bytes in it, so every variant's decoder is reached on every run. The decoder
+//! the connections use (`decode_shared`, data as views into the frame buffer) must agree with
+//! the copying one on every input.
 use libfuzzer_sys::fuzz_target;
-use mybox::protocol::{decode, decode_prefixed, encode, sample_frames, Frame};
+use mybox::protocol::{decode, decode_prefixed, decode_shared, encode, sample_frames, Frame};
 
 fn check(frame: &Frame) {
     let again = encode(frame).expect("a decoded frame re-encodes");
@@ -48,7 +50,12 @@ fuzz_target!(|data: &[u8]| {
             _ => body.truncate(at),
         }
     }
-    if let Ok(frame) = decode(&body) {
-        check(&frame);
+    let shared = decode_shared(body.clone().into());
+    match decode(&body) {
+        Ok(frame) => {
+            assert_eq!(shared.ok().as_ref(), Some(&frame));
+            check(&frame);
+        }
+        Err(_) => assert!(shared.is_err()),
     }
 });
