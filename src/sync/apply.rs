@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,6 +83,8 @@ pub struct Applier {
     pub local: Arc<LocalBox>,
     pub locks: Arc<LockManager>,
     pub db: Arc<Mutex<SyncDb>>,
+    /// Where links into the store are announced to the watcher (its echo is dropped there).
+    pub own_creates: Arc<crate::sync::watch::OwnCreates>,
 }
 
 /// A temp file that is removed unless it was renamed into place.
@@ -137,11 +139,21 @@ impl Building {
 
     /// Write a fetched block after checking it is what the record says.
     pub fn write_block(&self, i: u64, data: &[u8]) -> Result<(), ApplyError> {
+        self.write_hashed_block(i, data, Sha256::digest(data).into())
+    }
+
+    /// [`Self::write_block`] for a caller that has hashed `data` already (`digest` is its
+    /// SHA-256; received blocks are hashed two at a time, see `hashing::pair`).
+    pub fn write_hashed_block(
+        &self,
+        i: u64,
+        data: &[u8],
+        digest: [u8; 32],
+    ) -> Result<(), ApplyError> {
         let want = self.rec.blocks.get(i as usize).ok_or_else(|| {
             ApplyError::Other(format!("{}: block {i} out of range", self.rec.path))
         })?;
-        if data.len() as u64 != self.block_len(i) || <[u8; 32]>::from(Sha256::digest(data)) != *want
-        {
+        if data.len() as u64 != self.block_len(i) || digest != *want {
             return Err(ApplyError::Mismatch(format!(
                 "{}: block {i} from the peer does not match its hash",
                 self.rec.path
@@ -645,7 +657,14 @@ impl Applier {
             return Ok(());
         }
         let f = unnamed.ok_or_else(|| ApplyError::Other(format!("{path}: temp file vanished")))?;
-        match link_unnamed(f, full) {
+        if let Ok(md) = f.metadata() {
+            self.own_creates.expect(path, md.ino());
+        }
+        let linked = link_unnamed(f, full);
+        if linked.is_err() {
+            self.own_creates.forget(path);
+        }
+        match linked {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let t = self

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::hashing::pair::sha256_each;
 use crate::identity::DeviceId;
 use crate::model::{Kind, Record, VersionVector, VvOrder};
 use crate::net::rpc::{Conn, Handler, Responder, RpcError};
@@ -31,6 +32,10 @@ const MD5_DELAY: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// While this box is pulling, what it indexes is mostly what it has just received, and
+/// announcing that at once makes the peer sending it spend its CPU taking back the records of
+/// the files it is sending. Announcements wait for the puller to drain, at most this long.
+const ANNOUNCE_DEFER_MAX: Duration = Duration::from_secs(1);
 /// Pull slots: a small file takes one, a big one up to `BIG_FILE_SLOTS`, so many small files
 /// overlap their round trips while a few big ones bound the memory held in flight.
 const PULL_SLOTS: u32 = 32;
@@ -255,12 +260,14 @@ impl Engine {
         let (scan_tx, scan_rx) = mpsc::unbounded_channel();
         let (seq_tx, _) = watch::channel(max_seq);
         let (shutdown, _) = watch::channel(false);
+        let own_creates = Arc::new(crate::sync::watch::OwnCreates::default());
         let applier = Arc::new(Applier {
             root: b.root.clone(),
             tmp,
             local: ctx.local.clone(),
             locks: ctx.locks.clone(),
             db: db.clone(),
+            own_creates: own_creates.clone(),
         });
         let engine = Arc::new(Engine {
             handler: Arc::new(BoxHandler(ctx.clone())),
@@ -294,7 +301,7 @@ impl Engine {
         if ctx.sync.set(engine.clone()).is_err() {
             anyhow::bail!("a sync engine is already registered");
         }
-        let watcher = match crate::sync::watch::start(&b.root, scan_tx) {
+        let watcher = match crate::sync::watch::start(&b.root, scan_tx, own_creates) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(
@@ -750,12 +757,30 @@ impl Engine {
         tokio::spawn(self.clone().session(id, conn, hint));
     }
 
+    /// Wait (at most `max`) until the puller has nothing in hand or queued.
+    async fn until_pulled(&self, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let progress = self.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.busy.load(Ordering::Relaxed) == 0 && lock(&self.dirty).is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = progress => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
     async fn session(self: Arc<Self>, id: DeviceId, conn: Conn, hint: Arc<Notify>) {
         let peer = id.to_string();
         self.mark_need(peer.clone()).await;
         // Tell the peer whenever our index advances.
         let pusher = {
             let conn = conn.clone();
+            let me = self.clone();
             let mut rx = self.seq_tx.subscribe();
             tokio::spawn(async move {
                 loop {
@@ -769,6 +794,7 @@ impl Engine {
                     if rx.changed().await.is_err() {
                         return;
                     }
+                    me.until_pulled(ANNOUNCE_DEFER_MAX).await;
                 }
             })
         };
@@ -1679,14 +1705,34 @@ impl Engine {
                     // rather than in the finisher, which is one task for all groups.
                     let ap = self.applier.clone();
                     let written = blocking(move || {
+                        // Every block of the group hashed first, two at a time.
+                        let digests = {
+                            let data: Vec<&[u8]> = answers
+                                .iter()
+                                .flat_map(|a| a.iter().flatten().map(|(_, d)| &d[..]))
+                                .collect();
+                            sha256_each(&data)
+                        };
+                        let mut digests = digests.into_iter();
+                        // Each file's own digests, taken before anything can fail.
+                        let answers: Vec<_> = answers
+                            .into_iter()
+                            .map(|a| {
+                                a.map(|blocks| {
+                                    let own: Vec<[u8; 32]> =
+                                        digests.by_ref().take(blocks.len()).collect();
+                                    (blocks, own)
+                                })
+                            })
+                            .collect();
                         fetch
                             .into_iter()
                             .zip(answers)
                             .map(|(mut f, blocks)| {
-                                let res = blocks.and_then(|blocks| {
+                                let res = blocks.and_then(|(blocks, own)| {
                                     let mut n = 0u64;
-                                    for (i, d) in blocks {
-                                        f.building.write_block(i, &d)?;
+                                    for ((i, d), digest) in blocks.into_iter().zip(own) {
+                                        f.building.write_hashed_block(i, &d, digest)?;
                                         n += d.len() as u64;
                                     }
                                     ap.seal(&mut f.building)?;
@@ -2644,9 +2690,10 @@ async fn write_run(
 
 /// Write blocks `first, first+1, ...` into `b`, each checked against its hash; the bytes written.
 fn write_blocks(b: &Building, first: u64, blocks: &[Chunk]) -> Result<u64, ApplyError> {
+    let data: Vec<&[u8]> = blocks.iter().map(|d| &d[..]).collect();
     let mut n = 0;
-    for (k, d) in blocks.iter().enumerate() {
-        b.write_block(first + k as u64, d)?;
+    for (k, (d, digest)) in data.iter().zip(sha256_each(&data)).enumerate() {
+        b.write_hashed_block(first + k as u64, d, digest)?;
         n += d.len() as u64;
     }
     Ok(n)

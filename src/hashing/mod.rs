@@ -2,6 +2,8 @@
 //! of every block (what sync compares), computed in one read. Large files feed MD5 on a second
 //! thread so the two digests run on both cores.
 
+pub mod pair;
+
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
