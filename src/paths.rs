@@ -223,6 +223,13 @@ pub fn resolve_no_follow(root: &Path, rel: &RelPath) -> Result<PathBuf, PathErro
     Ok(p)
 }
 
+/// Did [`open_beneath`] refuse because the path goes through a symlink?
+pub fn is_through_symlink(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<PathError>())
+        .is_some_and(|p| matches!(p, PathError::ThroughSymlink(_)))
+}
+
 /// Open `rel` under `root` for reading so that *no* component may be a symlink and the result
 /// cannot lie outside `root`, checked by the kernel at open time (`openat2` with
 /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a directory swapped for a link between a check and
@@ -273,14 +280,14 @@ pub fn open_beneath(root: &Path, rel: &RelPath) -> std::io::Result<std::fs::File
             Some(libc::ELOOP) | Some(libc::EXDEV) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{rel} goes through a symlink; mybox never follows links"),
+                    PathError::ThroughSymlink(rel.to_string()),
                 ))
             }
             _ => return Err(err),
         }
     }
     let full = resolve_no_follow(root, rel)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
