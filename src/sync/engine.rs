@@ -2749,7 +2749,7 @@ async fn request_blocks(
 /// Read block `i` of a file whose content is known (see `serve_blocks`); an index whose offset
 /// overflows (it may come from a peer) is refused.
 fn read_raw_block(f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
+    use std::os::fd::AsRawFd;
     let start = i
         .checked_mul(crate::model::BLOCK_SIZE)
         .filter(|s| *s < size)
@@ -2759,10 +2759,35 @@ fn read_raw_block(f: &std::fs::File, i: u64, size: u64) -> std::io::Result<Vec<u
                 format!("block {i} is out of range"),
             )
         })?;
-    let len = crate::model::BLOCK_SIZE.min(size - start);
-    // One pread for the block (`read_to_end` grows its reads from 8 KiB: five calls for 128 KiB).
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, start)?;
+    let len = crate::model::BLOCK_SIZE.min(size - start) as usize;
+    // pread straight into the buffer's spare capacity: one call per block (`read_to_end` grows
+    // its reads from 8 KiB, five calls for 128 KiB) and no zeroing of memory about to be filled.
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = start + buf.len() as u64;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`, which we own; only
+        // the bytes it reports written are then counted as initialised.
+        let n = unsafe {
+            libc::pread(
+                f.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                at as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            // SAFETY: `n` more bytes were initialised by pread, within the capacity.
+            n => unsafe { buf.set_len(buf.len() + n as usize) },
+        }
+    }
     Ok(buf)
 }
 
@@ -2813,6 +2838,25 @@ fn reduce_roots(set: BTreeSet<RelPath>) -> Vec<RelPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_blocks_are_read_whole_and_a_short_file_is_an_error() {
+        use std::io::Write;
+        let bs = crate::model::BLOCK_SIZE as usize;
+        let data: Vec<u8> = (0..2 * bs + 1000).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let size = data.len() as u64;
+        assert_eq!(read_raw_block(&f, 0, size).unwrap(), data[..bs]);
+        assert_eq!(read_raw_block(&f, 2, size).unwrap(), data[2 * bs..]);
+        let beyond = read_raw_block(&f, 3, size).unwrap_err();
+        assert_eq!(beyond.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(read_raw_block(&f, u64::MAX, size).is_err());
+        // The file shrank after it was stat'ed: the block cannot be read whole.
+        f.set_len(2 * bs as u64 + 10).unwrap();
+        let short = read_raw_block(&f, 2, size).unwrap_err();
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn runs_split() {
