@@ -22,6 +22,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests one connection may have in flight on the serving side.
 pub const MAX_INFLIGHT: usize = 64;
+/// The most a frame's buffer reserves before its bytes arrive.
+const RESERVE_UP_FRONT: usize = 4 * 1024 * 1024;
 
 /// What is known about the other end of a connection.
 #[derive(Clone, Debug)]
@@ -395,9 +397,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let len = protocol::check_len(prefix)?;
         // `len` was checked against the cap; read without zero-filling first. Reserve at most
-        // one data frame up front: a peer that announces 16 MiB and sends 4 bytes must not make
-        // us reserve 16 MiB per connection; bigger frames grow as their bytes arrive.
-        let mut body = Vec::with_capacity(len.min(protocol::DATA_CHUNK + 4096));
+        // 4 MiB up front: a peer that announces 16 MiB and sends 4 bytes must not make us
+        // reserve 16 MiB per connection; bigger frames grow as their bytes arrive. Data frames
+        // and batch answers (up to ~2 MiB) fit at once: growing means copying what arrived.
+        let mut body = Vec::with_capacity(len.min(RESERVE_UP_FRONT));
         let got = tokio::time::timeout(
             FRAME_TIMEOUT,
             (&mut *rd).take(len as u64).read_to_end(&mut body),
