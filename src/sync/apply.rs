@@ -680,6 +680,21 @@ impl Applier {
         }
     }
 
+    /// Link the unnamed temp file `f` at `full`, where nothing may be: something there already
+    /// is a local change.
+    fn link_new(&self, f: &File, path: &RelPath, full: &Path) -> Result<(), ApplyError> {
+        if let Ok(md) = f.metadata() {
+            self.own_creates.expect(path, md.ino());
+        }
+        link_unnamed(f, full).map_err(|e| {
+            self.own_creates.forget(path);
+            match e.kind() {
+                io::ErrorKind::AlreadyExists => ApplyError::LocalChange(path.clone()),
+                _ => ctx_err(path, e),
+            }
+        })
+    }
+
     /// Finish a built file and put it in place (moving the local version to `loser` first when
     /// this resolves a conflict). Returns paths to scan (created parents, the conflict copy).
     pub fn finish_file(
@@ -816,14 +831,23 @@ impl Applier {
                         // What `disk_matches` and `place` do, resolving the path and looking at
                         // it once instead of three times (a few syscalls per file add up).
                         let full = self.full_cached(&path, &mut parents)?;
-                        let md = lstat(&full).map_err(|e| ctx_err(&path, e))?;
-                        if !self.md_matches(&full, md.as_ref(), cur.as_ref()) {
-                            return Err(ApplyError::LocalChange(path.clone()));
+                        let live = cur.as_ref().filter(|s| !s.record.deleted);
+                        match (live, it.unnamed.as_ref()) {
+                            // Nothing may be at the path (anything there is a local creation
+                            // not scanned yet): the link checks that itself, atomically.
+                            (None, Some(f)) => self.link_new(f, &path, &full)?,
+                            _ => {
+                                let md = lstat(&full).map_err(|e| ctx_err(&path, e))?;
+                                if !self.md_matches(&full, md.as_ref(), cur.as_ref()) {
+                                    return Err(ApplyError::LocalChange(path.clone()));
+                                }
+                                if md.is_some_and(|m| m.is_dir()) {
+                                    self.clear(&path, &full)?;
+                                }
+                                let unnamed = it.unnamed.as_ref();
+                                self.put_in_place(&mut it.guard, unnamed, &path, &full)?;
+                            }
                         }
-                        if md.is_some_and(|m| m.is_dir()) {
-                            self.clear(&path, &full)?;
-                        }
-                        self.put_in_place(&mut it.guard, it.unnamed.as_ref(), &path, &full)?;
                         // The linked inode's own metadata is the placed file's (the link
                         // changed its ctime, so it is read after): no path walk.
                         let md = match it.unnamed.take() {

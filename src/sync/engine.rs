@@ -757,14 +757,28 @@ impl Engine {
         tokio::spawn(self.clone().session(id, conn, hint));
     }
 
-    /// Wait (at most `max`) until the puller has nothing in hand or queued.
+    /// At least one peer connected, and the whole index of every connected peer received.
+    fn peers_indexes_received(&self) -> bool {
+        let peers = lock(&self.peers);
+        let mut live = peers
+            .values()
+            .filter(|s| s.conn.as_ref().is_some_and(|c| !c.is_closed()))
+            .peekable();
+        live.peek().is_some() && live.all(|s| s.index_received)
+    }
+
+    /// Wait (at most `max`) until the puller has nothing in hand or queued and every connected
+    /// peer's index is in (more to pull may still be on its way).
     async fn until_pulled(&self, max: Duration) {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             let progress = self.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            if self.busy.load(Ordering::Relaxed) == 0 && lock(&self.dirty).is_empty() {
+            if self.busy.load(Ordering::Relaxed) == 0
+                && lock(&self.dirty).is_empty()
+                && self.peers_indexes_received()
+            {
                 return;
             }
             tokio::select! {
@@ -2165,14 +2179,7 @@ impl Engine {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let idle = self.busy.load(Ordering::Relaxed) == 0 && lock(&self.dirty).is_empty();
-            let peers_ready = {
-                let peers = lock(&self.peers);
-                let live: Vec<&PeerSlot> = peers
-                    .values()
-                    .filter(|s| s.conn.as_ref().is_some_and(|c| !c.is_closed()))
-                    .collect();
-                !live.is_empty() && live.iter().all(|s| s.index_received)
-            };
+            let peers_ready = self.peers_indexes_received();
             let timed_out = tokio::time::Instant::now() >= deadline;
             if (idle && peers_ready) || timed_out {
                 let mut st = self.status().await;

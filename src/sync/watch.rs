@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +33,11 @@ const MASK: u32 = libc::IN_CREATE
 
 /// How often the watcher thread looks at its stop flag while no event comes.
 const POLL_MS: i32 = 250;
+
+/// After a read of events, a pause so that a burst (an initial sync links thousands of files)
+/// is read many events at a time rather than one wake-up per event. The scanner debounces
+/// for 30 ms anyway.
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// How long an announced file of ours may wait for its event (its directory may not be watched
 /// yet, so none may come).
@@ -68,14 +72,34 @@ impl OwnCreates {
         }
     }
 
-    /// Is this creation of `path` (under `root`) the one announced?
-    fn is_own(&self, root: &Path, path: &RelPath) -> bool {
+    /// Is this creation of `path` (under the directory `root`) the one announced?
+    fn is_own(&self, root: &OwnedFd, path: &RelPath) -> bool {
         let Some((ino, at)) = self.pending.lock().ok().and_then(|mut p| p.remove(path)) else {
             return false;
         };
-        at.elapsed() < OWN_CREATE_TTL
-            && std::fs::symlink_metadata(root.join(path.as_str()))
-                .is_ok_and(|m| m.is_file() && m.ino() == ino)
+        if at.elapsed() >= OWN_CREATE_TTL {
+            return false;
+        }
+        let Ok(rel) = CString::new(path.as_str()) else {
+            return false;
+        };
+        // Looked up from the store's root descriptor: a walk of the relative path only.
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid directory descriptor, a NUL-terminated path and a stat buffer we own.
+        let r = unsafe {
+            libc::fstatat(
+                root.as_raw_fd(),
+                rel.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return false;
+        }
+        // SAFETY: fstatat succeeded, so it filled the buffer.
+        let st = unsafe { st.assume_init() };
+        st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_ino == ino
     }
 }
 
@@ -94,6 +118,8 @@ impl Drop for Watcher {
 struct Watches {
     fd: OwnedFd,
     root: PathBuf,
+    /// The store's root, opened `O_PATH`, to look up paths relative to it.
+    root_dir: OwnedFd,
     by_wd: HashMap<i32, RelPath>,
     full_warned: bool,
 }
@@ -171,9 +197,24 @@ pub fn start(
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let root_c = CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in store path"))?;
+    // SAFETY: a NUL-terminated path; the descriptor is owned below.
+    let dir = unsafe {
+        libc::open(
+            root_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `dir` is a fresh descriptor nobody else owns.
+    let root_dir = unsafe { OwnedFd::from_raw_fd(dir) };
     let mut w = Watches {
         fd,
         root: root.to_path_buf(),
+        root_dir,
         by_wd: HashMap::new(),
         full_warned: false,
     };
@@ -253,11 +294,12 @@ fn run(mut w: Watches, tx: UnboundedSender<RelPath>, stop: Arc<AtomicBool>, own:
                 // scan of this path.
                 w.add_tree(&path);
             }
-            if !is_dir && ev.mask & libc::IN_CREATE != 0 && own.is_own(&w.root, &path) {
+            if !is_dir && ev.mask & libc::IN_CREATE != 0 && own.is_own(&w.root_dir, &path) {
                 continue;
             }
             let _ = tx.send(path);
         }
+        std::thread::sleep(COALESCE);
     }
 }
 
