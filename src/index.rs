@@ -51,29 +51,40 @@ fn blob_to_arr<const N: usize>(b: Option<Vec<u8>>) -> Option<[u8; N]> {
     b.and_then(|v| v.try_into().ok())
 }
 
+/// The columns [`row_to_stored`] reads, in its order (by position: looking columns up by name
+/// costs a search of the column names for each one, for each row).
+macro_rules! stored_columns {
+    () => {
+        "path, kind, size, mtime_ns, mode, target, md5, sha256, blocks, version, deleted, \
+         sequence, modified_by, st_size, st_mtime_ns, st_ctime_ns, st_inode"
+    };
+}
+
+/// A row of `SELECT stored_columns!() FROM files ...`.
 fn row_to_stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
-    let path: String = row.get("path")?;
+    let path: String = row.get(0)?;
     let path = RelPath::parse_or_root(&path).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })?;
-    let kind = Kind::from_i64(row.get("kind")?).unwrap_or(Kind::File);
-    let blocks: Option<Vec<u8>> = row.get("blocks")?;
-    let blocks = blocks
-        .map(|b| {
-            b.chunks_exact(32)
-                .filter_map(|c| c.try_into().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let version: Vec<u8> = row.get("version")?;
-    let version: VersionVector = bincode::deserialize(&version).unwrap_or_default();
-    let st_size: Option<i64> = row.get("st_size")?;
+    let kind = Kind::from_i64(row.get(1)?).unwrap_or(Kind::File);
+    let blocks = match row.get_ref(8)? {
+        rusqlite::types::ValueRef::Blob(b) => b
+            .chunks_exact(32)
+            .filter_map(|c| c.try_into().ok())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let version = match row.get_ref(9)? {
+        rusqlite::types::ValueRef::Blob(b) => bincode::deserialize(b).unwrap_or_default(),
+        _ => VersionVector::default(),
+    };
+    let st_size: Option<i64> = row.get(13)?;
     let stat = match st_size {
         Some(size) => Some(StatKey {
             size: size as u64,
-            mtime_ns: row.get("st_mtime_ns")?,
-            ctime_ns: row.get("st_ctime_ns")?,
-            inode: row.get::<_, i64>("st_inode")? as u64,
+            mtime_ns: row.get(14)?,
+            ctime_ns: row.get(15)?,
+            inode: row.get::<_, i64>(16)? as u64,
         }),
         None => None,
     };
@@ -81,17 +92,17 @@ fn row_to_stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
         record: Record {
             path,
             kind,
-            size: row.get::<_, i64>("size")? as u64,
-            mtime_ns: row.get("mtime_ns")?,
-            mode: row.get::<_, i64>("mode")? as u32,
-            target: row.get("target")?,
-            md5: blob_to_arr(row.get("md5")?),
-            sha256: blob_to_arr(row.get("sha256")?),
+            size: row.get::<_, i64>(2)? as u64,
+            mtime_ns: row.get(3)?,
+            mode: row.get::<_, i64>(4)? as u32,
+            target: row.get(5)?,
+            md5: blob_to_arr(row.get(6)?),
+            sha256: blob_to_arr(row.get(7)?),
             blocks,
             version,
-            deleted: row.get::<_, i64>("deleted")? != 0,
-            sequence: row.get::<_, i64>("sequence")? as u64,
-            modified_by: row.get::<_, i64>("modified_by")? as u64,
+            deleted: row.get::<_, i64>(10)? != 0,
+            sequence: row.get::<_, i64>(11)? as u64,
+            modified_by: row.get::<_, i64>(12)? as u64,
         },
         stat,
     })
@@ -101,7 +112,11 @@ fn row_to_stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
 /// engine's, which need not wait for the index lock).
 pub fn get_with(conn: &Connection, path: &RelPath) -> anyhow::Result<Option<Stored>> {
     Ok(conn
-        .prepare_cached("SELECT * FROM files WHERE path = ?1")?
+        .prepare_cached(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM files WHERE path = ?1"
+        ))?
         .query_row(params![path.as_str()], row_to_stored)
         .optional()?)
 }
@@ -141,18 +156,22 @@ impl Index {
 
     /// Every record (tombstones too), ordered by path.
     pub fn all(&self) -> anyhow::Result<Vec<Stored>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT * FROM files ORDER BY path")?;
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM files ORDER BY path"
+        ))?;
         let rows = stmt.query_map([], row_to_stored)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Live (not deleted) records, ordered by path.
     pub fn live(&self) -> anyhow::Result<Vec<Record>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT * FROM files WHERE deleted = 0 ORDER BY path")?;
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM files WHERE deleted = 0 ORDER BY path"
+        ))?;
         let rows = stmt.query_map([], row_to_stored)?;
         Ok(rows
             .map(|r| r.map(|s| s.record))
@@ -215,9 +234,11 @@ impl Index {
 
     /// Records changed after `seq`, in sequence order (incremental index exchange).
     pub fn since(&self, seq: u64, limit: usize) -> anyhow::Result<Vec<Record>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT * FROM files WHERE sequence > ?1 ORDER BY sequence LIMIT ?2")?;
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            stored_columns!(),
+            " FROM files WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
+        ))?;
         let rows = stmt.query_map(params![seq as i64, limit as i64], row_to_stored)?;
         Ok(rows
             .map(|r| r.map(|s| s.record))

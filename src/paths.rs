@@ -235,22 +235,47 @@ pub fn is_through_symlink(e: &std::io::Error) -> bool {
 /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a directory swapped for a link between a check and
 /// the open cannot redirect the read. Falls back to check-then-open on kernels without openat2.
 pub fn open_beneath(root: &Path, rel: &RelPath) -> std::io::Result<std::fs::File> {
-    use std::ffi::CString;
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let root_c = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in store path"))?;
-    let rel_c = CString::new(if rel.is_root() { "." } else { rel.as_str() })
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: plain syscalls on valid NUL-terminated strings; each fd is owned exactly once.
-    unsafe {
-        let dirfd = libc::open(
-            root_c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
-        if dirfd < 0 {
+    RootDir::open(root)?.open_file(rel)
+}
+
+/// A store root opened once (`O_PATH`), to open many files beneath it as [`open_beneath`] does
+/// without walking the root's own path and closing it again for each.
+pub struct RootDir {
+    fd: std::os::fd::OwnedFd,
+    root: PathBuf,
+}
+
+impl RootDir {
+    pub fn open(root: &Path) -> std::io::Result<RootDir> {
+        use std::ffi::CString;
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let root_c = CString::new(root.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in store path")
+        })?;
+        // SAFETY: a NUL-terminated path; the descriptor is owned exactly once.
+        let fd = unsafe {
+            libc::open(
+                root_c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        Ok(RootDir {
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Open `rel` for reading, refusing a symlink anywhere on the way (see [`open_beneath`]).
+    pub fn open_file(&self, rel: &RelPath) -> std::io::Result<std::fs::File> {
+        use std::ffi::CString;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let rel_c = CString::new(if rel.is_root() { "." } else { rel.as_str() })
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
         // `struct open_how` of openat2(2); libc's is non-exhaustive, so spell it out.
         #[repr(C)]
         struct OpenHow {
@@ -263,18 +288,22 @@ pub fn open_beneath(root: &Path, rel: &RelPath) -> std::io::Result<std::fs::File
             mode: 0,
             resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
         };
-        let fd = libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            rel_c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(dirfd);
+        // SAFETY: a valid directory descriptor, a NUL-terminated path and an `open_how` of the
+        // size passed; the returned descriptor is owned exactly once.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                rel_c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
         if fd >= 0 {
-            return Ok(std::fs::File::from_raw_fd(fd as i32));
+            // SAFETY: as above.
+            return Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) });
         }
+        let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::ENOSYS) => {}
             Some(libc::ELOOP) | Some(libc::EXDEV) => {
@@ -285,13 +314,13 @@ pub fn open_beneath(root: &Path, rel: &RelPath) -> std::io::Result<std::fs::File
             }
             _ => return Err(err),
         }
+        let full = resolve_no_follow(&self.root, rel)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(full)
     }
-    let full = resolve_no_follow(root, rel)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(full)
 }
 
 #[cfg(test)]

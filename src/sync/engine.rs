@@ -1201,8 +1201,14 @@ impl Engine {
             let mut corrupt = Vec::new();
             let mut frame = Vec::new();
             let mut bytes = 0usize;
+            // The root opened once for the batch's files.
+            let root_dir = crate::paths::RootDir::open(&root);
             for run in runs {
-                let answer = match read_run(&root, &locks, &local, known.get(&run.path), &run) {
+                let answer = match &root_dir {
+                    Ok(dir) => read_run(dir, &locks, &local, known.get(&run.path), &run),
+                    Err(e) => Err(run_err(ErrorCode::Io, format!("opening the store: {e}"))),
+                };
+                let answer = match answer {
                     Ok(blocks) => {
                         bytes += blocks.iter().map(|b| b.len()).sum::<usize>();
                         proto::RunAnswer::Blocks(blocks.into_iter().map(Chunk::from).collect())
@@ -2561,7 +2567,7 @@ fn run_err(code: ErrorCode, message: String) -> RunError {
 /// file is not exactly as indexed (`known`, same stat key and the asked blocks recorded), as
 /// `GetIndexedBlocks` does.
 fn read_run(
-    root: &std::path::Path,
+    root: &crate::paths::RootDir,
     locks: &Arc<crate::locks::LockManager>,
     local: &crate::query::LocalBox,
     known: Option<&crate::index::Stored>,
@@ -2572,7 +2578,7 @@ fn read_run(
         .try_lock(p, crate::locks::Mode::Shared)
         .ok_or_else(|| run_err(ErrorCode::Busy, format!("{p}: being written")))?;
     // The kernel refuses a symlink anywhere on the path (openat2), no separate check needed.
-    let f = crate::paths::open_beneath(root, p).map_err(|e| match e {
+    let f = root.open_file(p).map_err(|e| match e {
         e if crate::paths::is_through_symlink(&e) => run_err(ErrorCode::BadPath, e.to_string()),
         e => run_err(ErrorCode::NotFound, format!("{p}: {e}")),
     })?;
