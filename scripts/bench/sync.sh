@@ -7,7 +7,8 @@
 # Needs a release build (cargo build --release) and, for the comparison columns, the Debian
 # packages rsync, unison and syncthing (apt-get install -y rsync unison syncthing); a tool that is
 # missing shows "n/a". Everything lives under $BENCH_DIR (default /tmp/mybox-bench) and every
-# process started is stopped by its PID.
+# process started is stopped by its PID. Initial syncs run ROUNDS times (default 3), mybox,
+# rsync and unison alternating; the table shows medians, the lines under it each round's ratio.
 set -eu
 cd "$(dirname "$0")/../.."
 MYBOX="${MYBOX:-$PWD/target/release/mybox}"
@@ -132,6 +133,15 @@ def wait_synced(b, expect_entries, timeout=3600):
 
 RUN_DIR = os.path.join(BASE, f"run-{os.getpid()}")
 CLEAN_BEFORE = 0.0
+
+
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+
+
+def median(xs):
+    if None in xs:
+        return None
+    return sorted(xs)[len(xs) // 2]
 
 
 def fresh(name):
@@ -564,15 +574,31 @@ def main():
     clean_old_runs()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rows = Rows()
+    notes = []
     try:
         std = dataset_std()
         small = dataset_small(2000 if QUICK else 10000)
         for label, src in ((f"initial sync: rust std docs ({count_entries(std)} entries)", std),
                            (f"initial sync: {'2,000' if QUICK else '10,000'} x 4 KiB files", small)):
             log(label)
-            t, ok, rss = initial_mybox(src)
-            rows.append((label, f"{t:.2f} s{'' if ok else ' (TREES DIFFER)'}, peak RSS {rss // 1024} MB",
-                         fmt_t(initial_rsync(src)), fmt_t(initial_unison(src)), fmt_t(initial_syncthing(src))))
+            # Alternating rounds (the machine's speed drifts within minutes); medians are shown
+            # and each round's mybox / rsync ratio is printed under the table.
+            mine, rs, un, all_ok, rss = [], [], [], True, 0
+            for _ in range(ROUNDS):
+                t, ok, r = initial_mybox(src)
+                mine.append(t)
+                all_ok &= ok
+                rss = max(rss, r)
+                rs.append(initial_rsync(src))
+                un.append(initial_unison(src))
+            rows.append((label, f"{median(mine):.2f} s{'' if all_ok else ' (TREES DIFFER)'}, "
+                                f"peak RSS {rss // 1024} MB",
+                         fmt_t(median(rs)), fmt_t(median(un)), fmt_t(initial_syncthing(src))))
+            if None not in rs:
+                notes.append(f"{label}: mybox / rsync -a per round "
+                             + " ".join(f"{m / r:.2f}" for m, r in zip(mine, rs))
+                             + f" (mybox {' '.join(f'{m:.2f}' for m in mine)} s,"
+                             + f" rsync {' '.join(f'{r:.2f}' for r in rs)} s)")
         log("propagation")
         p50, p95 = propagation_mybox()
         stp = propagation_syncthing()
@@ -607,6 +633,8 @@ def main():
     for r in rows:
         print("|".join(f" {str(c):<{w}} " for c, w in zip(r, widths)))
     print(line)
+    for n in notes:
+        print(n)
 
 
 main()
