@@ -43,6 +43,9 @@ const COALESCE: Duration = Duration::from_millis(1);
 /// yet, so none may come).
 const OWN_CREATE_TTL: Duration = Duration::from_secs(5);
 
+/// Announced links kept at most (a bound on memory and on the sweep of expired ones).
+const OWN_CREATES_MAX: usize = 4096;
+
 /// Files the sync applier is about to link into the store, announced before the link, so the
 /// watcher can drop the one `IN_CREATE` each link raises instead of sending the scanner a path
 /// it would stat and look up in the index only to find it as recorded (an initial sync of 2,600
@@ -59,8 +62,14 @@ impl OwnCreates {
         let Ok(mut p) = self.pending.lock() else {
             return;
         };
-        if p.len() >= 4096 {
+        if p.len() >= OWN_CREATES_MAX {
             p.retain(|_, (_, at)| at.elapsed() < OWN_CREATE_TTL);
+            // Still full of young ones (the watcher is behind, or not running): forget them all
+            // rather than sweep on every insert. Their events then reach the scanner, which
+            // finds those files as recorded.
+            if p.len() >= OWN_CREATES_MAX {
+                p.clear();
+            }
         }
         p.insert(path.clone(), (ino, Instant::now()));
     }
@@ -360,6 +369,15 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         assert!(rx.try_recv().is_err());
         drop(w);
+    }
+
+    #[test]
+    fn announcements_nobody_consumes_stay_bounded() {
+        let own = OwnCreates::default();
+        for i in 0..3 * OWN_CREATES_MAX {
+            own.expect(&RelPath::parse(&format!("f{i}")).unwrap(), i as u64);
+            assert!(own.pending.lock().unwrap().len() <= OWN_CREATES_MAX);
+        }
     }
 
     #[test]
