@@ -245,6 +245,12 @@ pub struct RootDir {
     root: PathBuf,
 }
 
+impl std::os::fd::AsRawFd for RootDir {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl RootDir {
     pub fn open(root: &Path) -> std::io::Result<RootDir> {
         use std::ffi::CString;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::paths::{RelPath, META_DIR};
+use crate::paths::{RelPath, RootDir, META_DIR};
 
 const MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE
@@ -82,7 +82,7 @@ impl OwnCreates {
     }
 
     /// Is this creation of `path` (under the directory `root`) the one announced?
-    fn is_own(&self, root: &OwnedFd, path: &RelPath) -> bool {
+    fn is_own(&self, root: &RootDir, path: &RelPath) -> bool {
         let Some((ino, at)) = self.pending.lock().ok().and_then(|mut p| p.remove(path)) else {
             return false;
         };
@@ -127,8 +127,8 @@ impl Drop for Watcher {
 struct Watches {
     fd: OwnedFd,
     root: PathBuf,
-    /// The store's root, opened `O_PATH`, to look up paths relative to it.
-    root_dir: OwnedFd,
+    /// The store's root, opened once, to look up paths relative to it.
+    root_dir: RootDir,
     by_wd: HashMap<i32, RelPath>,
     full_warned: bool,
 }
@@ -206,20 +206,7 @@ pub fn start(
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let root_c = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in store path"))?;
-    // SAFETY: a NUL-terminated path; the descriptor is owned below.
-    let dir = unsafe {
-        libc::open(
-            root_c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if dir < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `dir` is a fresh descriptor nobody else owns.
-    let root_dir = unsafe { OwnedFd::from_raw_fd(dir) };
+    let root_dir = RootDir::open(root)?;
     let mut w = Watches {
         fd,
         root: root.to_path_buf(),
