@@ -68,9 +68,7 @@ CREATE INDEX IF NOT EXISTS blocks_path ON blocks(path);
 impl SyncDb {
     pub fn open(b: &BoxDir) -> anyhow::Result<SyncDb> {
         let conn = Connection::open(b.index_path()).context("opening sync tables")?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        crate::index::configure(&conn)?;
         conn.execute_batch(SCHEMA).context("creating sync tables")?;
         Ok(SyncDb { conn })
     }
