@@ -2,7 +2,7 @@
 //! incremental index exchange), the scanner loop (inotify paths, debounced, and periodic full
 //! rescans) and the puller (plan each changed path, apply through [`Applier`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -55,8 +55,9 @@ const UDP_MIN_BYTES: u64 = 4 * 1024 * 1024;
 const UDP_RANGE_BYTES: u64 = 32 * 1024 * 1024;
 /// Bytes of a big file written between two nudges of the kernel's writeback.
 const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
-/// Dirty paths planned at a time.
+/// Dirty paths planned at a time; the first chunk of a pass is smaller (see `pull_batch`).
 const PLAN_CHUNK: usize = 1000;
+const FIRST_PLAN_CHUNK: usize = 100;
 /// The longest `status --wait` honoured.
 pub const MAX_STATUS_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// Paths planned per taking of the database and index locks.
@@ -65,8 +66,10 @@ const PLAN_LOCK_SLICE: usize = 250;
 const FINISH_BATCH: usize = 512;
 /// Files at most this big are fetched many per request (`GetBatch`, see [`Engine::fetch_group`]),
 /// up to `GROUP_FILES` files or `GROUP_BYTES` bytes per group; a group takes `GROUP_SLOTS` pull
-/// slots, so a few groups overlap their round trips, reads and writes.
-const GROUP_MAX_FILE: u64 = 1024 * 1024;
+/// slots, so a few groups overlap their round trips, reads and writes. Files of a few MiB too:
+/// fetched alone, 8 blocks in flight, they were the last to finish. Below `UDP_MIN_BYTES`,
+/// which go over UDP when that transport is chosen.
+const GROUP_MAX_FILE: u64 = UDP_MIN_BYTES - 1;
 const GROUP_FILES: usize = 64;
 const GROUP_BYTES: u64 = 4 * 1024 * 1024;
 const GROUP_SLOTS: u32 = 8;
@@ -151,6 +154,14 @@ pub type OnApplied = Arc<dyn Fn(&RelPath) + Send + Sync>;
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these simple maps leaves it usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A path's hash, for sets of paths that may err towards "seen" (see `pull_batch`).
+fn path_key(p: &RelPath) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.hash(&mut h);
+    h.finish()
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
@@ -1432,20 +1443,42 @@ impl Engine {
         let (fin_tx, fin_rx) = mpsc::channel::<Vec<Fetched>>(FINISH_QUEUE);
         let finisher = tokio::spawn(self.clone().finisher(fin_rx));
         let mut deletes = Vec::new();
-        let mut rest = paths.into_iter().peekable();
+        // Paths of this pass, hashed: paths marked dirty while it runs join it (the next
+        // pages of a peer's index, local changes), except those it has already taken, which
+        // may still be in flight and wait for the next pass. A collision only defers a path.
+        let mut taken: HashSet<u64> = paths.iter().map(path_key).collect();
+        let mut rest: VecDeque<RelPath> = paths.into_iter().collect();
+        let mut chunks_planned = 0usize;
         // The next chunk is planned while this one is fetched (planning is a few SQLite reads
-        // per path, and the chunks' paths are disjoint).
-        let plan_next =
-            |rest: &mut std::iter::Peekable<std::collections::btree_set::IntoIter<RelPath>>| {
-                rest.peek()?;
-                let chunk: BTreeSet<RelPath> = rest.by_ref().take(PLAN_CHUNK).collect();
-                let me = self.clone();
-                let paths = chunk.clone();
-                Some((
-                    chunk,
-                    tokio::spawn(async move { me.plan_paths(paths).await }),
-                ))
+        // per path, and the chunks' paths are disjoint). The first chunk is small, so the
+        // first fetches start after planning a few paths rather than a thousand.
+        let mut plan_next = |rest: &mut VecDeque<RelPath>| {
+            if rest.is_empty() {
+                lock(&self.dirty).retain(|p| {
+                    let joins = taken.insert(path_key(p));
+                    if joins {
+                        rest.push_back(p.clone());
+                    }
+                    !joins
+                });
+            }
+            if rest.is_empty() {
+                return None;
+            }
+            let size = if chunks_planned == 0 {
+                FIRST_PLAN_CHUNK
+            } else {
+                PLAN_CHUNK
             };
+            chunks_planned += 1;
+            let chunk: BTreeSet<RelPath> = rest.drain(..size.min(rest.len())).collect();
+            let me = self.clone();
+            let paths = chunk.clone();
+            Some((
+                chunk,
+                tokio::spawn(async move { me.plan_paths(paths).await }),
+            ))
+        };
         let mut next = plan_next(&mut rest);
         while let Some((chunk, planning)) = next.take() {
             next = plan_next(&mut rest);
