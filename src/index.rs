@@ -124,17 +124,38 @@ pub fn get_with(conn: &Connection, path: &RelPath) -> anyhow::Result<Option<Stor
 /// How long a connection waits for another one's write lock before giving up.
 const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The pause before try number `tries + 1` for a lock (see [`configure`]), or `None` once
+/// [`BUSY_WAIT`] has passed.
+fn busy_pause(tries: i32) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    const FAST_TRIES: u32 = 20;
+    const FAST: Duration = Duration::from_micros(100);
+    const SLOW: Duration = Duration::from_millis(1);
+    let tries = tries.max(0) as u32;
+    let waited = if tries <= FAST_TRIES {
+        FAST * tries
+    } else {
+        FAST * FAST_TRIES + SLOW * (tries - FAST_TRIES)
+    };
+    if waited >= BUSY_WAIT {
+        None
+    } else if tries < FAST_TRIES {
+        Some(FAST)
+    } else {
+        Some(SLOW)
+    }
+}
+
 /// Settings of every connection to the index database: WAL, and a wait for locks that polls
-/// every 100 µs. The daemon's own connections take turns writing many short transactions;
-/// SQLite's own timeout sleeps 1, 2, 5, 10, 15, 20, 25 ms between tries, so a writer waiting
-/// behind a 1 ms transaction often slept 10 ms or more.
+/// every 100 µs for its first 2 ms, then every millisecond. The daemon's own connections take
+/// turns writing many short transactions; SQLite's own timeout sleeps 1, 2, 5, 10, 15, 20,
+/// 25 ms between tries, so a writer waiting behind a 1 ms transaction often slept 10 ms or more.
 pub(crate) fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    const POLL: std::time::Duration = std::time::Duration::from_micros(100);
     conn.busy_handler(Some(|tries: i32| {
-        if POLL * (tries.max(0) as u32) >= BUSY_WAIT {
+        let Some(pause) = busy_pause(tries) else {
             return false;
-        }
-        std::thread::sleep(POLL);
+        };
+        std::thread::sleep(pause);
         true
     }))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -570,5 +591,51 @@ mod tests {
         assert_eq!(ix.next_sequence().unwrap(), 3);
         assert_eq!(ix.next_sequence().unwrap(), 4);
         assert_eq!(ix.live().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn lock_waits_poll_fast_then_slowly_and_end() {
+        use std::time::Duration;
+        assert_eq!(busy_pause(0), Some(Duration::from_micros(100)));
+        assert_eq!(busy_pause(19), Some(Duration::from_micros(100)));
+        assert_eq!(busy_pause(20), Some(Duration::from_millis(1)));
+        // 2 ms of fast tries, then 1 ms each: 30 s are up after 29,998 slow tries.
+        assert_eq!(busy_pause(20 + 29_997), Some(Duration::from_millis(1)));
+        assert_eq!(busy_pause(20 + 29_998), None);
+        assert_eq!(busy_pause(i32::MAX), None);
+        assert_eq!(busy_pause(-1), Some(Duration::from_micros(100)));
+    }
+
+    #[test]
+    fn a_writer_waits_for_another_connections_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let open = || {
+            let c = Connection::open(&path).unwrap();
+            configure(&c).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c
+        };
+        let (mut first, second) = (open(), open());
+        let tx = first.transaction().unwrap();
+        tx.execute("INSERT INTO meta(key, value) VALUES('a', 1)", [])
+            .unwrap();
+        let writer = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            second
+                .execute("INSERT INTO meta(key, value) VALUES('b', 2)", [])
+                .map(|_| t0.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        tx.commit().unwrap();
+        let waited = writer
+            .join()
+            .unwrap()
+            .expect("the second writer gets the lock");
+        assert!(waited >= std::time::Duration::from_millis(40), "{waited:?}");
+        let n: i64 = first
+            .query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
     }
 }
