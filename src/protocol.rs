@@ -63,7 +63,17 @@ impl std::fmt::Debug for Chunk {
 
 impl Serialize for Chunk {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        // Under `encode_parts`, a large chunk is announced to the writer, which then keeps a
+        // reference to it instead of copying its bytes.
+        let share = self.0.len() >= SHARE_MIN && ENCODING_PARTS.get();
+        if share {
+            SHARED_CHUNK.with(|c| *c.borrow_mut() = Some(self.0.clone()));
+        }
+        let r = s.serialize_bytes(&self.0);
+        if share {
+            SHARED_CHUNK.with(|c| c.borrow_mut().take());
+        }
+        r
     }
 }
 
@@ -71,7 +81,16 @@ thread_local! {
     /// The frame buffer [`decode_shared`] is decoding on this thread, if any.
     static DECODING: std::cell::RefCell<Option<bytes::Bytes>> =
         const { std::cell::RefCell::new(None) };
+    /// [`encode_parts`] is encoding on this thread.
+    static ENCODING_PARTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The chunk being serialised under [`encode_parts`], whose bytes its writer is about to get.
+    static SHARED_CHUNK: std::cell::RefCell<Option<bytes::Bytes>> =
+        const { std::cell::RefCell::new(None) };
 }
+
+/// Chunks at least this long are referenced by [`encode_parts`], smaller ones copied (cheaper
+/// than one more piece to hand to the socket).
+const SHARE_MIN: usize = 1024;
 
 struct ChunkVisitor;
 
@@ -282,28 +301,82 @@ pub fn decode_shared(body: bytes::Bytes) -> Result<Frame, FrameError> {
     decode(&body)
 }
 
-/// Encode a `Response::Data` frame as a head (length prefix and everything up to the data) and
-/// the data itself, which is then written to the connection without being copied into a frame
-/// buffer first. `head` followed by `data` is exactly what [`encode`] makes of the same frame.
-pub fn encode_data(id: u32, end: bool, data: &Chunk) -> Result<Vec<u8>, FrameError> {
-    let empty = encode(&Frame::Response {
-        id,
-        end,
-        body: Response::Data(Chunk::default()),
-    })?;
-    // The frame ends with the data's length, a varint; an empty chunk's is the single byte 0.
-    let len = codec()
-        .serialize(&(data.len() as u64))
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let size = empty.len() - 4 - 1 + len.len() + data.len();
+/// A frame encoded as pieces whose concatenation is exactly what [`encode`] makes of it: the
+/// bytes of every [`Chunk`] of at least [`SHARE_MIN`] bytes are referenced, not copied; the rest
+/// (the length prefix, the fields around the chunks, small chunks) is copied into pieces between
+/// them. A sender hands the pieces to the socket together (a vectored write), so bulk data goes
+/// from the buffer it was read into straight to the TLS layer.
+#[derive(Debug, Default)]
+pub struct EncodedFrame {
+    pub parts: Vec<bytes::Bytes>,
+    /// Total bytes of all parts (the length prefix included).
+    pub len: usize,
+}
+
+pub fn encode_parts(frame: &Frame) -> Result<EncodedFrame, FrameError> {
+    struct Parts {
+        done: Vec<bytes::Bytes>,
+        head: Vec<u8>,
+    }
+    impl std::io::Write for Parts {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            // bincode writes a byte string's bytes in one call, with the slice it was given:
+            // the announced chunk's own memory.
+            let shared = SHARED_CHUNK.with(|c| {
+                c.borrow()
+                    .as_ref()
+                    .filter(|b| b.as_ptr() == buf.as_ptr() && b.len() == buf.len())
+                    .cloned()
+            });
+            match shared {
+                Some(b) => {
+                    if !self.head.is_empty() {
+                        let head = std::mem::take(&mut self.head);
+                        self.done.push(bytes::Bytes::from(head));
+                    }
+                    self.done.push(b);
+                }
+                None => self.head.extend_from_slice(buf),
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENCODING_PARTS.set(false);
+            SHARED_CHUNK.with(|c| c.borrow_mut().take());
+        }
+    }
+    // Sized without the decoder's limit, so an oversized frame is reported as such.
+    let size = bincode::DefaultOptions::new()
+        .serialized_size(frame)
+        .map_err(|e| FrameError::Malformed(e.to_string()))? as usize;
     if size > MAX_FRAME {
         return Err(FrameError::TooLarge(size));
     }
-    let mut head = empty;
-    head.pop();
-    head.extend_from_slice(&len);
-    head[..4].copy_from_slice(&(size as u32).to_be_bytes());
-    Ok(head)
+    let mut w = Parts {
+        done: Vec::new(),
+        head: Vec::with_capacity(64),
+    };
+    w.head.extend_from_slice(&(size as u32).to_be_bytes());
+    {
+        ENCODING_PARTS.set(true);
+        let _reset = Reset;
+        codec()
+            .serialize_into(&mut w, frame)
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    }
+    if !w.head.is_empty() {
+        w.done.push(bytes::Bytes::from(w.head));
+    }
+    Ok(EncodedFrame {
+        parts: w.done,
+        len: 4 + size,
+    })
 }
 
 /// Try to take one frame off the front of `buf` (for fuzzing and tests): `Ok(None)` means more
@@ -597,26 +670,78 @@ mod tests {
         }
     }
 
+    fn joined(e: &EncodedFrame) -> Vec<u8> {
+        let v: Vec<u8> = e.parts.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(v.len(), e.len);
+        v
+    }
+
     #[test]
-    fn data_head_and_data_are_the_encoded_frame() {
-        // Lengths around each varint width boundary, and a block.
-        for len in [0usize, 1, 250, 251, 252, 65_535, 65_536, 131_072, 1 << 20] {
+    fn parts_are_the_encoded_frame_and_reference_large_chunks() {
+        // Every message variant, and data and block answers around each varint width and
+        // around the sharing threshold.
+        let mut frames = sample_frames();
+        for len in [
+            0usize,
+            1,
+            250,
+            251,
+            1023,
+            1024,
+            65_535,
+            65_536,
+            131_072,
+            1 << 20,
+        ] {
             let data: Chunk = (0..len).map(|i| (i * 7) as u8).collect::<Vec<u8>>().into();
             for (id, end) in [(0u32, false), (1, true), (u32::MAX, false)] {
-                let whole = encode(&Frame::Response {
+                frames.push(Frame::Response {
                     id,
                     end,
                     body: Response::Data(data.clone()),
-                })
-                .unwrap();
-                let mut parts = encode_data(id, end, &data).unwrap();
-                parts.extend_from_slice(&data);
-                assert_eq!(parts, whole, "len {len} id {id}");
+                });
             }
+            let runs = vec![
+                crate::sync::proto::RunAnswer::Blocks(vec![data.clone(), vec![9u8; 3].into()]),
+                crate::sync::proto::RunAnswer::Failed {
+                    code: ErrorCode::Busy,
+                    message: "busy".into(),
+                },
+                crate::sync::proto::RunAnswer::Blocks(vec![data.clone()]),
+            ];
+            frames.push(Frame::Response {
+                id: 7,
+                end: false,
+                body: Response::Sync(crate::sync::proto::SyncResponse::Runs(runs)),
+            });
         }
+        for f in &frames {
+            let whole = encode(f).unwrap();
+            let parts = encode_parts(f).unwrap();
+            assert_eq!(joined(&parts), whole, "{f:?}");
+        }
+        // A large chunk is referenced (the same memory), a small one copied.
+        let big: Chunk = vec![5u8; 4096].into();
+        let small: Chunk = vec![6u8; 100].into();
+        let f = Frame::Response {
+            id: 1,
+            end: true,
+            body: Response::Sync(crate::sync::proto::SyncResponse::Runs(vec![
+                crate::sync::proto::RunAnswer::Blocks(vec![small.clone(), big.clone()]),
+            ])),
+        };
+        let parts = encode_parts(&f).unwrap();
+        assert!(parts.parts.iter().any(|p| p.as_ptr() == big.as_ptr()));
+        assert!(!parts.parts.iter().any(|p| p.as_ptr() == small.as_ptr()));
+        // Encoding elsewhere on the thread afterwards copies as before.
+        assert_eq!(encode(&f).unwrap(), joined(&parts));
         let too_big: Chunk = vec![0u8; MAX_FRAME].into();
         assert!(matches!(
-            encode_data(1, false, &too_big),
+            encode_parts(&Frame::Response {
+                id: 1,
+                end: false,
+                body: Response::Data(too_big)
+            }),
             Err(FrameError::TooLarge(_))
         ));
     }
