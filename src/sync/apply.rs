@@ -218,11 +218,41 @@ struct FinishItem {
     result: Result<(), ApplyError>,
 }
 
-/// A batch of files whose data is durable, ready to be put in place
-/// ([`Applier::flush_files`], [`Applier::place_files`]).
-pub struct FlushedBatch {
+/// A batch of sealed files whose data may not be durable yet ([`Applier::seal_files`]).
+#[derive(Default)]
+pub struct SealedBatch {
     items: Vec<FinishItem>,
+    /// Any file of the batch: `syncfs` needs a descriptor on the file system.
     sync_fd: Option<File>,
+}
+
+impl SealedBatch {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// A sealed batch whose data a `syncfs` has made durable, ready to be put in place
+/// ([`Applier::place_files`]); only that function makes one.
+#[derive(Default)]
+pub struct DurableBatch(SealedBatch);
+
+impl DurableBatch {
+    pub fn batch(&self) -> &SealedBatch {
+        &self.0
+    }
+}
+
+/// An `io::Error` like `e` (its OS error code kept, so a full disk is still reported as one).
+fn same_io_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
 }
 
 /// Every file of a batch still going fails with `e`.
@@ -749,16 +779,18 @@ impl Applier {
     }
 
     /// Finish many built files at once, each as [`finish_file`](Self::finish_file) would (no
-    /// conflicts here): [`flush_files`](Self::flush_files) then
-    /// [`place_files`](Self::place_files). Results come back in input order.
+    /// conflicts here): [`seal_files`](Self::seal_files), then two rounds of
+    /// [`place_files`](Self::place_files) (the first makes the data durable, the second puts
+    /// the files in place). Results come back in input order.
     pub fn finish_files(&self, batch: Vec<(Building, Option<Record>)>) -> Finished {
-        self.place_files(self.flush_files(batch))
+        let (_, durable) = self.place_files(DurableBatch::default(), self.seal_files(batch));
+        self.place_files(durable, SealedBatch::default()).0
     }
 
-    /// First half of finishing a batch: seal every file, make their data durable with one
-    /// `syncfs` and their parent directories exist. Needs no lock, so the engine runs it for the
-    /// next batch while the previous one is being placed (the two disk flushes then overlap).
-    pub fn flush_files(&self, batch: Vec<(Building, Option<Record>)>) -> FlushedBatch {
+    /// First step of finishing a batch: seal every file (size, mode, mtime, checked against its
+    /// hash) and make sure its parent directories exist. Their data is not durable yet: the next
+    /// [`place_files`](Self::place_files) makes it so. Needs no lock.
+    pub fn seal_files(&self, batch: Vec<(Building, Option<Record>)>) -> SealedBatch {
         let mut sync_fd: Option<File> = None;
         let mut items: Vec<FinishItem> = batch
             .into_iter()
@@ -778,11 +810,6 @@ impl Applier {
                 }
             })
             .collect();
-        if let Some(f) = &sync_fd {
-            if let Err(e) = syncfs(f) {
-                fail_all(&mut items, &ApplyError::from(e));
-            }
-        }
         // Many files of a batch share their parents: each directory is checked (or made) once.
         let mut dirs_ok: std::collections::HashSet<RelPath> = std::collections::HashSet::new();
         for it in items.iter_mut().filter(|it| it.result.is_ok()) {
@@ -803,14 +830,45 @@ impl Applier {
                 Err(e) => it.result = Err(e),
             }
         }
-        FlushedBatch { items, sync_fd }
+        SealedBatch { items, sync_fd }
     }
 
-    /// Second half: under the index lock every path is checked and renamed, a second `syncfs`
-    /// makes the renames durable, and one transaction records them all. Per file that replaces
-    /// two fsyncs and four SQLite commits, which dominated an initial sync of many small files.
-    pub fn place_files(&self, batch: FlushedBatch) -> Finished {
-        let FlushedBatch { mut items, sync_fd } = batch;
+    /// Put a batch whose data is durable in place and make the next batch's data durable, with
+    /// one `syncfs` for both: under the index lock every path of `durable` is checked and
+    /// linked or renamed, one `syncfs` makes those links durable and the data of `sealed` too,
+    /// then one transaction records `durable`. Per file that replaces two fsyncs and four
+    /// SQLite commits; per batch, the flush that made its data durable is the one that made the
+    /// previous batch's names durable. Returns the results of `durable` and `sealed`, now
+    /// durable (its failures are kept for the next call to report).
+    pub fn place_files(
+        &self,
+        durable: DurableBatch,
+        sealed: SealedBatch,
+    ) -> (Finished, DurableBatch) {
+        let SealedBatch {
+            items: mut next,
+            sync_fd: next_fd,
+        } = sealed;
+        let next_waits = next.iter().any(|it| it.result.is_ok());
+        let SealedBatch { mut items, sync_fd } = durable.0;
+        let sync_fd = sync_fd.or(next_fd);
+        if items.is_empty() {
+            // Nothing to put in place: only the next batch's data to flush, without the lock.
+            if next_waits {
+                if let Some(f) = &sync_fd {
+                    if let Err(e) = syncfs(f) {
+                        fail_all(&mut next, &ApplyError::from(e));
+                    }
+                }
+            }
+            return (
+                Vec::new(),
+                DurableBatch(SealedBatch {
+                    items: next,
+                    sync_fd,
+                }),
+            );
+        }
         // Path locks before the index lock, as everywhere; a path being written is retried later.
         let mut guards = Vec::new();
         for it in items.iter_mut().filter(|it| it.result.is_ok()) {
@@ -819,6 +877,7 @@ impl Applier {
                 None => it.result = Err(ApplyError::Busy(it.rec.path.clone())),
             }
         }
+        let mut flushed = false;
         let committed = match self.local.index.lock() {
             Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
             Ok(mut ix) => ix.transaction(|ix| {
@@ -872,15 +931,31 @@ impl Applier {
                         Err(e) => it.result = Err(e),
                     }
                 }
-                if renamed {
+                if renamed || next_waits {
                     if let Some(f) = &sync_fd {
-                        syncfs(f)?;
+                        flushed = true;
+                        if let Err(e) = syncfs(f) {
+                            // Neither the names nor the next batch's data are known durable.
+                            fail_all(&mut next, &ApplyError::from(same_io_error(&e)));
+                            return Err(e.into());
+                        }
                     }
                 }
                 seq.commit(ix)
             }),
         };
         drop(guards);
+        if next_waits && !flushed {
+            // The transaction failed before its flush: the next batch's data still needs one.
+            match &sync_fd {
+                Some(f) => {
+                    if let Err(e) = syncfs(f) {
+                        fail_all(&mut next, &ApplyError::from(e));
+                    }
+                }
+                None => fail_all(&mut next, &ApplyError::Other("no file to flush".into())),
+            }
+        }
         if let Err(e) = committed {
             // The renames happened but are not recorded: the scanner finds those files and,
             // their content being the peer's, they converge without a conflict.
@@ -896,10 +971,17 @@ impl Applier {
                 tracing::warn!("block table: {e:#}");
             }
         }
-        items
+        let finished = items
             .into_iter()
             .map(|it| (it.rec.path, it.result.map(|()| it.to_scan)))
-            .collect()
+            .collect();
+        (
+            finished,
+            DurableBatch(SealedBatch {
+                items: next,
+                sync_fd,
+            }),
+        )
     }
 
     /// The local file already has the record's content: only mode and mtime change.
@@ -1251,6 +1333,124 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// An applier over a fresh box (real SQLite index, real files in a temp folder).
+    fn applier() -> (tempfile::TempDir, Applier) {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = crate::config::BoxDir::init(&dir.path().join("box")).unwrap();
+        let local = Arc::new(LocalBox::open(b.clone()).unwrap());
+        let ap = Applier {
+            root: b.root.clone(),
+            tmp: b.tmp_dir().join("sync"),
+            db: Arc::new(Mutex::new(SyncDb::open(&b).unwrap())),
+            local,
+            locks: LockManager::new(),
+            own_creates: Arc::new(crate::sync::watch::OwnCreates::default()),
+        };
+        (dir, ap)
+    }
+
+    /// A peer's record of a new file `path` holding `content`, and the file built from it.
+    fn built(ap: &Applier, path: &str, content: &[u8]) -> (Building, Option<Record>) {
+        let mut h = crate::hashing::StreamHasher::new();
+        h.update(content);
+        let hashes = h.finish();
+        let mut version = crate::model::VersionVector::new();
+        version.bump(7);
+        let rec = Record {
+            path: RelPath::parse(path).unwrap(),
+            kind: Kind::File,
+            size: content.len() as u64,
+            mtime_ns: 1_600_000_000_123_456_789,
+            mode: 0o640,
+            target: None,
+            md5: Some(hashes.md5),
+            sha256: Some(hashes.sha256),
+            blocks: hashes.blocks,
+            version,
+            deleted: false,
+            sequence: 1,
+            modified_by: 7,
+        };
+        let mut b = ap.prepare_files(&[(&rec, false)]).pop().unwrap().unwrap();
+        for (i, block) in content.chunks(BLOCK_SIZE as usize).enumerate() {
+            b.write_block(i as u64, block).unwrap();
+        }
+        ap.seal(&mut b).unwrap();
+        (b, None)
+    }
+
+    #[test]
+    fn a_batch_is_placed_one_round_after_its_data_is_flushed() {
+        let (_dir, ap) = applier();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let first = vec![built(&ap, "a.txt", b"first"), built(&ap, "big.bin", &big)];
+        let second = vec![built(&ap, "b.txt", b"second")];
+        // Round 1: the first batch's data is flushed; nothing is visible or recorded yet.
+        let (done, durable) = ap.place_files(DurableBatch::default(), ap.seal_files(first));
+        assert!(done.is_empty());
+        assert_eq!(durable.batch().len(), 2);
+        assert!(!ap.root.join("a.txt").exists());
+        assert!(ap
+            .local
+            .index
+            .lock()
+            .unwrap()
+            .get(&RelPath::parse("a.txt").unwrap())
+            .unwrap()
+            .is_none());
+        // Round 2: the first batch goes in place (and is recorded), the second is flushed.
+        let (done, durable) = ap.place_files(durable, ap.seal_files(second));
+        let paths: Vec<&str> = done.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["a.txt", "big.bin"]);
+        assert!(done.iter().all(|(_, r)| r.is_ok()), "{done:?}");
+        assert_eq!(std::fs::read(ap.root.join("a.txt")).unwrap(), b"first");
+        assert_eq!(std::fs::read(ap.root.join("big.bin")).unwrap(), big);
+        let md = std::fs::metadata(ap.root.join("a.txt")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            filetime::FileTime::from_last_modification_time(&md).nanoseconds(),
+            123_456_789
+        );
+        let stored = ap
+            .local
+            .index
+            .lock()
+            .unwrap()
+            .get(&RelPath::parse("big.bin").unwrap())
+            .unwrap();
+        assert_eq!(stored.map(|s| s.record.size), Some(big.len() as u64));
+        assert!(!ap.root.join("b.txt").exists());
+        // Round 3, nothing new: the second batch goes in place.
+        let (done, durable) = ap.place_files(durable, SealedBatch::default());
+        assert_eq!(done.len(), 1);
+        assert!(durable.batch().is_empty());
+        assert_eq!(std::fs::read(ap.root.join("b.txt")).unwrap(), b"second");
+        // Nothing was left in the temp folder.
+        let left = std::fs::read_dir(&ap.tmp).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_file_made_locally_while_its_batch_was_flushed_is_kept() {
+        let (_dir, ap) = applier();
+        let (_, durable) = ap.place_files(
+            DurableBatch::default(),
+            ap.seal_files(vec![built(&ap, "x", b"peer")]),
+        );
+        // Someone writes the path between the flush and the placing: an unscanned local edit.
+        std::fs::write(ap.root.join("x"), b"mine").unwrap();
+        let (done, _) = ap.place_files(durable, SealedBatch::default());
+        assert!(
+            matches!(done[0].1, Err(ApplyError::LocalChange(_))),
+            "{done:?}"
+        );
+        assert_eq!(std::fs::read(ap.root.join("x")).unwrap(), b"mine");
+        // The same through `finish_files`, for a path nobody touched.
+        let done = ap.finish_files(vec![built(&ap, "y", b"peer")]);
+        assert!(done[0].1.is_ok(), "{done:?}");
+        assert_eq!(std::fs::read(ap.root.join("y")).unwrap(), b"peer");
+    }
 
     #[test]
     fn unnamed_temp_files_link_once_and_never_over_a_name() {
