@@ -9,6 +9,10 @@
 # missing shows "n/a". Everything lives under $BENCH_DIR (default /tmp/mybox-bench) and every
 # process started is stopped by its PID. Initial syncs run ROUNDS times (default 3), mybox,
 # rsync and unison alternating; the table shows medians, the lines under it each round's ratio.
+# mybox makes what it receives durable before it is renamed into place (one syncfs a round of
+# files); rsync -a does not flush at all. So each round also times `rsync -a --fsync` (durable
+# like mybox) and, where libeatmydata is installed (apt-get install -y eatmydata), mybox with its
+# flushes turned into no-ops: the first ratio compares durable work, the second the rest.
 set -eu
 cd "$(dirname "$0")/../.."
 MYBOX="${MYBOX:-$PWD/target/release/mybox}"
@@ -60,12 +64,13 @@ class Box:
         self.id = run(MYBOX, "--box", root, "id").stdout.strip()
         self.proc = None
 
-    def start(self):
+    def start(self, env=None):
         err = open(os.path.join(self.root, ".mybox", "bench-stderr.log"), "a")
         self.proc = subprocess.Popen(
             [MYBOX, "--box", self.root, "daemon", "--listen", f"127.0.0.1:{self.port}",
              "--rescan-interval", "60"],
-            stdout=subprocess.PIPE, stderr=err, text=True, env={"MYBOX_LOG": "warn", **os.environ})
+            stdout=subprocess.PIPE, stderr=err, text=True,
+            env={"MYBOX_LOG": "warn", **os.environ, **(env or {})})
         PROCS.append(self.proc)
         line = self.proc.stdout.readline()
         if " serving " not in line:
@@ -204,7 +209,14 @@ def dataset_small(n=10000):
 
 # ---------------------------------------------------------------- tools
 
-def initial_mybox(src):
+EATMYDATA = next((p for p in ("/usr/lib/x86_64-linux-gnu/libeatmydata.so",
+                              "/usr/lib/aarch64-linux-gnu/libeatmydata.so",
+                              "/usr/lib/libeatmydata.so") if os.path.exists(p)), None)
+
+
+def initial_mybox(src, no_flush=False):
+    """mybox's initial sync; with no_flush, the receiver runs under libeatmydata (fsync and
+    syncfs return at once), which shows what durability costs on this disk."""
     w = fresh("mybox-init")
     a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
     pair(a, b)
@@ -213,7 +225,7 @@ def initial_mybox(src):
     a.start()                      # returns once A has scanned (and hashed) its store
     settle_writes()
     t0 = time.time()
-    b.start()
+    b.start({"LD_PRELOAD": EATMYDATA} if no_flush else None)
     wait_synced(b, expect)
     t = time.time() - t0
     ok = same_tree(os.path.join(a.root, "data"), os.path.join(b.root, "data"))
@@ -222,14 +234,14 @@ def initial_mybox(src):
     return t, ok, rss
 
 
-def initial_rsync(src):
+def initial_rsync(src, *extra):
     if not shutil.which("rsync"):
         return None
     w = fresh("rsync-init")
     dst = os.path.join(w, "B")
     settle_writes()
     t0 = time.time()
-    run("rsync", "-a", src + "/", dst + "/")
+    run("rsync", "-a", *extra, src + "/", dst + "/")
     return time.time() - t0
 
 
@@ -584,6 +596,7 @@ def main():
             # Alternating rounds (the machine's speed drifts within minutes); medians are shown
             # and each round's mybox / rsync ratio is printed under the table.
             mine, rs, un, all_ok, rss = [], [], [], True, 0
+            rs_fsync, mine_no_flush = [], []
             for _ in range(ROUNDS):
                 t, ok, r = initial_mybox(src)
                 mine.append(t)
@@ -591,6 +604,11 @@ def main():
                 rss = max(rss, r)
                 rs.append(initial_rsync(src))
                 un.append(initial_unison(src))
+                rs_fsync.append(initial_rsync(src, "--fsync"))
+                if EATMYDATA:
+                    t, ok, _ = initial_mybox(src, no_flush=True)
+                    mine_no_flush.append(t)
+                    all_ok &= ok
             rows.append((label, f"{median(mine):.2f} s{'' if all_ok else ' (TREES DIFFER)'}, "
                                 f"peak RSS {rss // 1024} MB",
                          fmt_t(median(rs)), fmt_t(median(un)), fmt_t(initial_syncthing(src))))
@@ -599,6 +617,14 @@ def main():
                              + " ".join(f"{m / r:.2f}" for m, r in zip(mine, rs))
                              + f" (mybox {' '.join(f'{m:.2f}' for m in mine)} s,"
                              + f" rsync {' '.join(f'{r:.2f}' for r in rs)} s)")
+            if None not in rs_fsync:
+                notes.append(f"  durable: mybox / rsync -a --fsync per round "
+                             + " ".join(f"{m / r:.2f}" for m, r in zip(mine, rs_fsync))
+                             + f" (rsync --fsync {' '.join(f'{r:.2f}' for r in rs_fsync)} s)")
+            if mine_no_flush and None not in rs:
+                notes.append(f"  flushes off: mybox under libeatmydata / rsync -a per round "
+                             + " ".join(f"{m / r:.2f}" for m, r in zip(mine_no_flush, rs))
+                             + f" (mybox {' '.join(f'{m:.2f}' for m in mine_no_flush)} s)")
         log("propagation")
         p50, p95 = propagation_mybox()
         stp = propagation_syncthing()
