@@ -525,7 +525,7 @@ impl Applier {
                 if let Ok(mut src) = open_beneath(&self.root, &rec.path) {
                     let before = src.metadata().map(|m| StatKey::of(&m)).ok();
                     if before.is_some() && before == old.stat {
-                        let copied = copy_with_writeback(&mut src, &mut file)
+                        let copied = copy_previous(&mut src, &mut file)
                             .map_err(|e| ctx_err("copying the previous version", e))?;
                         let after = src.metadata().map(|m| StatKey::of(&m)).ok();
                         if copied >= KEEP_PREVIOUS_OPEN {
@@ -1276,13 +1276,98 @@ fn syncfs(f: &File) -> io::Result<()> {
 /// Previous versions at least this large stay open until their replacement is in place.
 const KEEP_PREVIOUS_OPEN: u64 = 64 * 1024 * 1024;
 
-/// Copy `src` into `dst` in the kernel (copy_file_range) a slice at a time, starting each
-/// slice's writeback as soon as it is copied: the fsync before the rename then finds little
-/// left to write, instead of a whole large file (a one-block edit of 1 GiB costs one pass of
-/// the disk, overlapped with the copy, rather than the copy followed by the write).
+/// Previous versions at least this large are copied with direct I/O.
+const DIRECT_COPY_MIN: u64 = 32 * 1024 * 1024;
+
+/// Copy the previous version `src` into the new file `dst`, returning the bytes copied. A large
+/// one goes straight to the disk ([`copy_direct`]); otherwise, or where direct I/O is refused,
+/// [`copy_with_writeback`].
+fn copy_previous(src: &mut File, dst: &mut File) -> io::Result<u64> {
+    let size = src.metadata()?.len();
+    let done = if size >= DIRECT_COPY_MIN {
+        copy_direct(src, dst, size)?
+    } else {
+        0
+    };
+    if done == size && size > 0 {
+        return Ok(done);
+    }
+    src.seek(SeekFrom::Start(done))?;
+    dst.seek(SeekFrom::Start(done))?;
+    Ok(done + copy_with_writeback(src, dst)?)
+}
+
+/// Direct I/O's alignment of offsets, lengths and memory (the usual logical block size or a
+/// multiple of it).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Copy `src` to `dst` through one reused buffer, written with `O_DIRECT`. A buffered copy of
+/// 1 GiB puts 262,144 new pages into the page cache and then writes them back; on this kind of
+/// VM that took 1.8-6 s (`dd conv=fsync`) where the same write with `O_DIRECT` took 0.7-0.95 s.
+/// (A second thread reading ahead while this one writes measured no faster.) Returns how far
+/// it got: the whole size, or less where direct I/O is refused (a file system without it) or a
+/// short tail is left, the rest then left to the caller. `dst` is left without `O_DIRECT`, so
+/// the blocks patched in afterwards are ordinary writes.
+fn copy_direct(src: &File, dst: &File, size: u64) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const SLICE: usize = 4 * 1024 * 1024;
+    let fd = dst.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL only read and set the status flags of a descriptor `dst` keeps open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+        return Ok(0);
+    }
+    let mut storage = vec![0u8; SLICE + DIRECT_ALIGN];
+    let skip = storage.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut storage[skip..skip + SLICE];
+    let mut done: u64 = 0;
+    let result = (|| {
+        while done < size {
+            let want = SLICE.min((size - done) as usize);
+            let n = read_full_at(src, &mut buf[..want], done)?;
+            // Only whole aligned pieces go direct; a short tail is left to the caller.
+            let aligned = n - n % DIRECT_ALIGN;
+            if aligned == 0 {
+                break;
+            }
+            match dst.write_all_at(&buf[..aligned], done) {
+                Ok(()) => done += aligned as u64,
+                // Direct I/O refused here (EINVAL): the caller copies the rest.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) => return Err(e),
+            }
+            if aligned < n || n < want {
+                break;
+            }
+        }
+        Ok(done)
+    })();
+    // SAFETY: as above.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) };
+    result
+}
+
+/// `pread` until `buf` is full or the file ends; returns the bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Copy `src` into `dst` in the kernel (copy_file_range) a slice at a time, from each file's
+/// position, starting each slice's writeback as soon as it is copied: the fsync before the
+/// rename then finds little left to write, instead of a whole large file.
 fn copy_with_writeback(src: &mut File, dst: &mut File) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     const SLICE: usize = 32 * 1024 * 1024;
+    let start = dst.stream_position()?;
     let mut done: u64 = 0;
     loop {
         // SAFETY: both descriptors are open files owned by the caller; null offsets make the
@@ -1315,7 +1400,7 @@ fn copy_with_writeback(src: &mut File, dst: &mut File) -> io::Result<u64> {
         unsafe {
             libc::sync_file_range(
                 dst.as_raw_fd(),
-                done as i64,
+                (start + done) as i64,
                 n as i64,
                 libc::SYNC_FILE_RANGE_WRITE,
             );
@@ -1378,6 +1463,57 @@ mod tests {
         }
         ap.seal(&mut b).unwrap();
         (b, None)
+    }
+
+    /// Bytes that differ from slice to slice, so a misplaced piece cannot go unnoticed.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn a_previous_version_is_copied_exactly_and_the_copy_takes_ordinary_writes_after() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let big = DIRECT_COPY_MIN as usize;
+        // Direct with a buffered tail, direct only, and a small file (no direct I/O).
+        for len in [big + 3 * DIRECT_ALIGN + 1234, big, 5000] {
+            let content = pattern(len);
+            let src_path = dir.path().join("src");
+            std::fs::write(&src_path, &content).unwrap();
+            let mut src = File::open(&src_path).unwrap();
+            let mut dst = tempfile::tempfile_in(dir.path()).unwrap();
+            assert_eq!(copy_previous(&mut src, &mut dst).unwrap(), len as u64);
+            // SAFETY: F_GETFL only reads the flags of a descriptor `dst` keeps open.
+            let flags = unsafe { libc::fcntl(dst.as_raw_fd(), libc::F_GETFL) };
+            assert_eq!(flags & libc::O_DIRECT, 0, "O_DIRECT left set");
+            // A patch at an unaligned offset and length, as a fetched short block would be.
+            dst.write_all_at(b"patched", 4097).unwrap();
+            let mut want = content;
+            want[4097..4104].copy_from_slice(b"patched");
+            let mut got = Vec::new();
+            dst.seek(SeekFrom::Start(0)).unwrap();
+            dst.read_to_end(&mut got).unwrap();
+            assert!(got == want, "the copy of {len} bytes differs");
+        }
+    }
+
+    #[test]
+    fn a_direct_copy_stops_before_a_piece_that_is_not_aligned() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = DIRECT_ALIGN * 1000 + 77;
+        let content = pattern(len);
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, &content).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let mut dst = tempfile::tempfile_in(dir.path()).unwrap();
+        let done = copy_direct(&src, &dst, len as u64).unwrap();
+        // None of it where the file system refuses direct I/O.
+        assert!(done == 0 || done == (len - 77) as u64, "copied {done}");
+        let mut got = Vec::new();
+        dst.read_to_end(&mut got).unwrap();
+        assert!(got == content[..done as usize], "the direct part differs");
     }
 
     #[test]
