@@ -506,7 +506,7 @@ impl Applier {
         let mut previous_file = None;
 
         // The previous version of the same file: most blocks of an edited file are unchanged, so
-        // clone it whole (copy_file_range, in the kernel) and patch the rest.
+        // copy it whole (see `copy_previous`) and patch the rest.
         let old = if previous {
             self.stored(&rec.path)?
         } else {
