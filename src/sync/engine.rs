@@ -2126,7 +2126,13 @@ impl Engine {
         }
         let r2 = rec.clone();
         let ap2 = ap.clone();
-        let building = blocking(move || ap2.prepare_file(&r2)).await??;
+        let building = blocking(move || {
+            ap2.prepare_file(&r2).map(|mut b| {
+                b.write_directly();
+                b
+            })
+        })
+        .await??;
         self.stats
             .bytes_reused
             .fetch_add(building.reused, Ordering::Relaxed);
