@@ -1333,7 +1333,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// (A second thread reading ahead while this one writes measured no faster.) Returns how far
 /// it got: the whole size, or less where direct I/O is refused (a file system without it) or a
 /// short tail is left, the rest then left to the caller. `dst` is left without `O_DIRECT`, so
-/// the blocks patched in afterwards are ordinary writes.
+/// later writes through it (a short last block, local blocks) are ordinary ones.
 fn copy_direct(src: &File, dst: &File, size: u64) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     const SLICE: usize = 4 * 1024 * 1024;

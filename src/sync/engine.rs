@@ -2437,9 +2437,6 @@ impl Engine {
     }
 }
 
-/// Raise the soft limit on open files to the hard one: files being built stay open until their
-/// batch is put in place (several hundred at a time with many small files), more than the usual
-/// soft default of 1024 leaves room for next to sockets, the index and a mount.
 /// [`FINISH_BATCH`], or less when the open-file limit is low: a round holds two batches of
 /// open temp files, the queue and the groups in flight more (about four batches' worth).
 fn finish_batch_limit() -> usize {
@@ -2459,6 +2456,9 @@ fn finish_batch_limit() -> usize {
     })
 }
 
+/// Raise the soft limit on open files to the hard one: files being built stay open until their
+/// batch is put in place (several hundred at a time with many small files), more than the usual
+/// soft default of 1024 leaves room for next to sockets, the index and a mount.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
