@@ -1438,8 +1438,8 @@ impl Engine {
 
     async fn pull_batch(self: &Arc<Self>, paths: BTreeSet<RelPath>) {
         // Planned and started a chunk at a time (plans carry whole records: 100k of them at once
-        // was most of the daemon's memory). Order within a chunk: index-only updates and
-        // directories (parents first), then files and links in parallel; deletions (children
+        // was most of the daemon's memory). Order within a chunk: index-only updates,
+        // directories and links (parents first), then files in parallel; deletions (children
         // first) wait until every file is in place, so a renamed file can still copy its blocks
         // from the old path.
         let sem = Arc::new(tokio::sync::Semaphore::new(PULL_SLOTS as usize));
@@ -1519,6 +1519,14 @@ impl Engine {
                     Action::Delete(_) => deletes.push(pl),
                     Action::Install(r) | Action::Conflict { record: r, .. }
                         if r.kind == Kind::Dir =>
+                    {
+                        dirs.push(pl)
+                    }
+                    // Links go in before the chunk's files too: a file below a link the same
+                    // chunk makes (`esc`, `esc/f`) would otherwise race it, its parents made as
+                    // a directory where the link belongs.
+                    Action::Install(r) | Action::Conflict { record: r, .. }
+                        if r.kind == Kind::Symlink =>
                     {
                         dirs.push(pl)
                     }
