@@ -22,7 +22,7 @@ use crate::locks::{LockManager, Mode};
 use crate::model::{Kind, Record, BLOCK_SIZE};
 use crate::paths::{open_beneath, resolve_no_follow, RelPath};
 use crate::query::LocalBox;
-use crate::sync::store::SyncDb;
+use crate::sync::store::{BlockTable, SyncDb};
 
 /// How long the applier waits for a local writer before trying the path again later.
 const LOCK_WAIT: Duration = Duration::from_millis(500);
@@ -83,6 +83,8 @@ pub struct Applier {
     pub local: Arc<LocalBox>,
     pub locks: Arc<LockManager>,
     pub db: Arc<Mutex<SyncDb>>,
+    /// Where each block of a local file lives (written behind, in order).
+    pub blocks: Arc<BlockTable>,
     /// Where links into the store are announced to the watcher (its echo is dropped there).
     pub own_creates: Arc<crate::sync::watch::OwnCreates>,
 }
@@ -242,6 +244,19 @@ struct FinishItem {
     result: Result<(), ApplyError>,
 }
 
+/// A file of a batch being placed: its index in the batch, where it goes (or why it cannot),
+/// and the index's record of that path.
+struct Placing {
+    i: usize,
+    full: Result<PathBuf, ApplyError>,
+    cur: Option<Stored>,
+}
+
+/// At most this many threads link a batch's new files into place.
+const LINK_THREADS: usize = 4;
+/// Fewer new files than this are linked by the finisher alone (threads cost more).
+const LINK_PARALLEL_MIN: usize = 64;
+
 /// A batch of sealed files whose data may not be durable yet ([`Applier::seal_files`]).
 #[derive(Default)]
 pub struct SealedBatch {
@@ -384,17 +399,13 @@ impl Applier {
             ix.put(&rec, stat)?;
             seq.commit(ix)
         })?;
-        drop(ix);
-        let blocks: &[[u8; 32]] = if rec.kind == Kind::File && !rec.deleted {
-            &rec.blocks
+        let blocks = if rec.kind == Kind::File && !rec.deleted {
+            rec.blocks
         } else {
-            &[]
+            Vec::new()
         };
-        if let Ok(mut db) = self.db.lock() {
-            if let Err(e) = db.set_blocks(&path, blocks) {
-                tracing::warn!("block table: {e:#}");
-            }
-        }
+        self.blocks.record(vec![(path, blocks)]);
+        drop(ix);
         Ok(())
     }
 
@@ -584,10 +595,7 @@ impl Applier {
             }
             let want = rec.blocks[i as usize];
             let len = BLOCK_SIZE.min(rec.size - i * BLOCK_SIZE) as usize;
-            let candidates = match self.db.lock() {
-                Ok(db) => db.find_block(&want).unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
+            let candidates = self.blocks.find(&want).unwrap_or_default();
             let mut found = false;
             for (p, idx) in candidates {
                 let Ok(src) = open_beneath(&self.root, &p) else {
@@ -858,6 +866,114 @@ impl Applier {
         SealedBatch { items, sync_fd }
     }
 
+    /// Put one sealed file at `full`, where the index said `cur`; returns the placed file's
+    /// stat key.
+    fn put_one_in_place(
+        &self,
+        it: &mut FinishItem,
+        full: &Path,
+        cur: Option<&Stored>,
+    ) -> Result<Option<StatKey>, ApplyError> {
+        let path = &it.rec.path;
+        match (cur.filter(|s| !s.record.deleted), it.unnamed.as_ref()) {
+            // Nothing may be at the path (anything there is a local creation not scanned yet):
+            // the link checks that itself, atomically.
+            (None, Some(f)) => self.link_new(f, path, full)?,
+            _ => {
+                let md = lstat(full).map_err(|e| ctx_err(path, e))?;
+                if !self.md_matches(full, md.as_ref(), cur) {
+                    return Err(ApplyError::LocalChange(path.clone()));
+                }
+                if md.is_some_and(|m| m.is_dir()) {
+                    self.clear(path, full)?;
+                }
+                self.put_in_place(&mut it.guard, it.unnamed.as_ref(), path, full)?;
+            }
+        }
+        // The linked inode's own metadata is the placed file's (the link changed its ctime, so
+        // it is read after): no path walk.
+        let md = match it.unnamed.take() {
+            Some(f) => f.metadata(),
+            None => std::fs::symlink_metadata(full),
+        }
+        .map_err(|e| ctx_err(path, e))?;
+        Ok(Some(StatKey::of(&md)))
+    }
+
+    /// [`put_one_in_place`](Self::put_one_in_place) for each of `todo` (indices into `items`),
+    /// results in the order of `todo`. Files replacing something go first, one by one; new
+    /// files are linked by a few threads, each taking whole directories (links into one
+    /// directory wait for each other in the kernel). Linking is the larger part of the
+    /// finisher's work, and the finisher is what a pull of many small files waits for.
+    fn put_all_in_place(
+        &self,
+        items: &mut [FinishItem],
+        todo: Vec<Placing>,
+    ) -> Vec<(usize, Result<Option<StatKey>, ApplyError>)> {
+        let mut out = Vec::with_capacity(todo.len());
+        let mut by_dir: HashMap<PathBuf, Vec<(usize, &mut FinishItem, PathBuf)>> = HashMap::new();
+        let mut slots: Vec<Option<&mut FinishItem>> = items.iter_mut().map(Some).collect();
+        for Placing { i, full, cur } in todo {
+            let Some(it) = slots.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            let full = match full {
+                Ok(f) => f,
+                Err(e) => {
+                    out.push((i, Err(e)));
+                    continue;
+                }
+            };
+            let new_link = it.unnamed.is_some() && cur.as_ref().is_none_or(|s| s.record.deleted);
+            if new_link {
+                let dir = full.parent().map(Path::to_path_buf).unwrap_or_default();
+                by_dir.entry(dir).or_default().push((i, it, full));
+            } else {
+                out.push((i, self.put_one_in_place(it, &full, cur.as_ref())));
+            }
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(LINK_THREADS)
+            .min(by_dir.len());
+        let total: usize = by_dir.values().map(Vec::len).sum();
+        let link = |jobs: Vec<(usize, &mut FinishItem, PathBuf)>| {
+            jobs.into_iter()
+                .map(|(i, it, full)| (i, self.put_one_in_place(it, &full, None)))
+                .collect::<Vec<_>>()
+        };
+        if workers < 2 || total < LINK_PARALLEL_MIN {
+            for jobs in by_dir.into_values() {
+                out.extend(link(jobs));
+            }
+        } else {
+            // Largest directories first, each to the least loaded worker.
+            let mut dirs: Vec<_> = by_dir.into_values().collect();
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.len()));
+            let mut shares: Vec<Vec<(usize, &mut FinishItem, PathBuf)>> =
+                (0..workers).map(|_| Vec::new()).collect();
+            for d in dirs {
+                if let Some(least) = shares.iter_mut().min_by_key(|s| s.len()) {
+                    least.extend(d);
+                }
+            }
+            std::thread::scope(|sc| {
+                let mut shares = shares.into_iter();
+                let mine = shares.next().unwrap_or_default();
+                let handles: Vec<_> = shares.map(|share| sc.spawn(|| link(share))).collect();
+                out.extend(link(mine));
+                for h in handles {
+                    match h.join() {
+                        Ok(r) => out.extend(r),
+                        Err(p) => std::panic::resume_unwind(p),
+                    }
+                }
+            });
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+
     /// Put a batch whose data is durable in place and make the next batch's data durable, with
     /// one `syncfs` for both: under the index lock every path of `durable` is checked and
     /// linked or renamed, one `syncfs` makes those links durable and the data of `sealed` too,
@@ -905,69 +1021,70 @@ impl Applier {
         let mut flushed = false;
         let committed = match self.local.index.lock() {
             Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
-            Ok(mut ix) => ix.transaction(|ix| {
-                let mut seq = ix.seq_alloc()?;
-                let mut renamed = false;
-                // Each parent is checked for links once per batch, not once per file.
-                let mut parents: HashMap<RelPath, PathBuf> = HashMap::new();
-                for it in items.iter_mut().filter(|it| it.result.is_ok()) {
-                    let path = it.rec.path.clone();
-                    let cur = ix.get(&path)?;
-                    let step = (|| {
-                        if !same_version(cur.as_ref().map(|s| &s.record), it.expected.as_ref()) {
-                            return Err(ApplyError::LocalChange(path.clone()));
+            Ok(mut ix) => {
+                let done = ix.transaction(|ix| {
+                    let mut seq = ix.seq_alloc()?;
+                    let mut renamed = false;
+                    // Each parent is checked for links once per batch, not once per file.
+                    let mut parents: HashMap<RelPath, PathBuf> = HashMap::new();
+                    // The index is read in order, then the files go in place (links into
+                    // different directories at once), then they are recorded in order: disk
+                    // and index change only under the lock, as one file at a time did.
+                    let mut todo: Vec<Placing> = Vec::new();
+                    for (i, it) in items.iter().enumerate() {
+                        if it.result.is_err() {
+                            continue;
                         }
-                        // What `disk_matches` and `place` do, resolving the path and looking at
-                        // it once instead of three times (a few syscalls per file add up).
-                        let full = self.full_cached(&path, &mut parents)?;
-                        let live = cur.as_ref().filter(|s| !s.record.deleted);
-                        match (live, it.unnamed.as_ref()) {
-                            // Nothing may be at the path (anything there is a local creation
-                            // not scanned yet): the link checks that itself, atomically.
-                            (None, Some(f)) => self.link_new(f, &path, &full)?,
-                            _ => {
-                                let md = lstat(&full).map_err(|e| ctx_err(&path, e))?;
-                                if !self.md_matches(&full, md.as_ref(), cur.as_ref()) {
-                                    return Err(ApplyError::LocalChange(path.clone()));
-                                }
-                                if md.is_some_and(|m| m.is_dir()) {
-                                    self.clear(&path, &full)?;
-                                }
-                                let unnamed = it.unnamed.as_ref();
-                                self.put_in_place(&mut it.guard, unnamed, &path, &full)?;
+                        let path = &it.rec.path;
+                        let cur = ix.get(path)?;
+                        let full = if same_version(
+                            cur.as_ref().map(|s| &s.record),
+                            it.expected.as_ref(),
+                        ) {
+                            // What `disk_matches` and `place` do, resolving the path and
+                            // looking at it once instead of three times.
+                            self.full_cached(path, &mut parents)
+                        } else {
+                            Err(ApplyError::LocalChange(path.clone()))
+                        };
+                        todo.push(Placing { i, full, cur });
+                    }
+                    for (i, step) in self.put_all_in_place(&mut items, todo) {
+                        let it = &mut items[i];
+                        match step {
+                            Ok(stat) => {
+                                renamed = true;
+                                it.stat = stat;
+                                it.rec.sequence = seq.take();
+                                ix.put(&it.rec, it.stat)?;
+                            }
+                            Err(e) => it.result = Err(e),
+                        }
+                    }
+                    if renamed || next_waits {
+                        if let Some(f) = &sync_fd {
+                            flushed = true;
+                            if let Err(e) = syncfs(f) {
+                                // Neither the names nor the next batch's data are known durable.
+                                fail_all(&mut next, &ApplyError::from(same_io_error(&e)));
+                                return Err(e.into());
                             }
                         }
-                        // The linked inode's own metadata is the placed file's (the link
-                        // changed its ctime, so it is read after): no path walk.
-                        let md = match it.unnamed.take() {
-                            Some(f) => f.metadata(),
-                            None => std::fs::symlink_metadata(&full),
-                        }
-                        .map_err(|e| ctx_err(&path, e))?;
-                        Ok(Some(StatKey::of(&md)))
-                    })();
-                    match step {
-                        Ok(stat) => {
-                            renamed = true;
-                            it.stat = stat;
-                            it.rec.sequence = seq.take();
-                            ix.put(&it.rec, it.stat)?;
-                        }
-                        Err(e) => it.result = Err(e),
                     }
+                    seq.commit(ix)
+                });
+                if done.is_ok() {
+                    // Queued before the index lock goes: in order with the scanner's.
+                    self.blocks.record(
+                        items
+                            .iter()
+                            .filter(|it| it.result.is_ok())
+                            .map(|it| (it.rec.path.clone(), it.rec.blocks.clone()))
+                            .collect(),
+                    );
                 }
-                if renamed || next_waits {
-                    if let Some(f) = &sync_fd {
-                        flushed = true;
-                        if let Err(e) = syncfs(f) {
-                            // Neither the names nor the next batch's data are known durable.
-                            fail_all(&mut next, &ApplyError::from(same_io_error(&e)));
-                            return Err(e.into());
-                        }
-                    }
-                }
-                seq.commit(ix)
-            }),
+                done
+            }
         };
         drop(guards);
         if next_waits && !flushed {
@@ -985,16 +1102,6 @@ impl Applier {
             // The renames happened but are not recorded: the scanner finds those files and,
             // their content being the peer's, they converge without a conflict.
             fail_all(&mut items, &ApplyError::from(e));
-        }
-        if let Ok(mut db) = self.db.lock() {
-            let done: Vec<(&RelPath, &[[u8; 32]])> = items
-                .iter()
-                .filter(|it| it.result.is_ok())
-                .map(|it| (&it.rec.path, &it.rec.blocks[..]))
-                .collect();
-            if let Err(e) = db.set_blocks_many(&done) {
-                tracing::warn!("block table: {e:#}");
-            }
         }
         let finished = items
             .into_iter()
@@ -1184,13 +1291,12 @@ impl Applier {
         }
         if !recorded.is_empty() {
             // A directory replacing a file: that file's blocks are no longer here.
-            if let Ok(mut db) = self.db.lock() {
-                let gone: Vec<(&RelPath, &[[u8; 32]])> =
-                    recorded.iter().map(|&s| (&out[s].0, &[][..])).collect();
-                if let Err(e) = db.set_blocks_many(&gone) {
-                    tracing::warn!("block table: {e:#}");
-                }
-            }
+            self.blocks.record(
+                recorded
+                    .iter()
+                    .map(|&s| (out[s].0.clone(), Vec::new()))
+                    .collect(),
+            );
         }
         out
     }
@@ -1488,10 +1594,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, _) = crate::config::BoxDir::init(&dir.path().join("box")).unwrap();
         let local = Arc::new(LocalBox::open(b.clone()).unwrap());
+        let db = Arc::new(Mutex::new(SyncDb::open(&b).unwrap()));
         let ap = Applier {
             root: b.root.clone(),
             tmp: b.tmp_dir().join("sync"),
-            db: Arc::new(Mutex::new(SyncDb::open(&b).unwrap())),
+            db,
+            blocks: Arc::new(BlockTable::open(&b).unwrap()),
             local,
             locks: LockManager::new(),
             own_creates: Arc::new(crate::sync::watch::OwnCreates::default()),
@@ -1647,6 +1755,59 @@ mod tests {
         assert!(durable.batch().is_empty());
         assert_eq!(std::fs::read(ap.root.join("b.txt")).unwrap(), b"second");
         // Nothing was left in the temp folder.
+        let left = std::fs::read_dir(&ap.tmp).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn a_large_batch_is_linked_by_several_threads_and_recorded_in_order() {
+        let (_dir, ap) = applier();
+        // A file already placed and recorded, which the batch replaces (the one-by-one path).
+        assert!(ap.finish_files(vec![built(&ap, "d0/old.txt", b"old")])[0]
+            .1
+            .is_ok());
+        let old = ap.stored(&RelPath::parse("d0/old.txt").unwrap()).unwrap();
+        let mut batch = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..300 {
+            let path = format!("d{}/f{i:03}", i % 6);
+            let content = format!("content of {path}").into_bytes();
+            batch.push(built(&ap, &path, &content));
+            want.push((path, content));
+        }
+        let mut replacing = built(&ap, "d0/old.txt", b"new");
+        replacing.1 = old.map(|s| s.record);
+        batch.insert(100, replacing);
+        // A local file at one of the paths, not scanned yet: kept, and that path refused.
+        std::fs::create_dir_all(ap.root.join("d3")).unwrap();
+        std::fs::write(ap.root.join("d3/f003"), b"mine").unwrap();
+        let done = ap.finish_files(batch);
+        assert_eq!(done.len(), 301);
+        assert_eq!(done[100].0.as_str(), "d0/old.txt");
+        assert!(done[100].1.is_ok(), "{:?}", done[100]);
+        assert_eq!(std::fs::read(ap.root.join("d0/old.txt")).unwrap(), b"new");
+        let ix = ap.local.index.lock().unwrap();
+        let mut last_seq = 0;
+        for (path, res) in &done {
+            if path.as_str() == "d3/f003" {
+                assert!(matches!(res, Err(ApplyError::LocalChange(_))), "{res:?}");
+                continue;
+            }
+            assert!(res.is_ok(), "{path}: {res:?}");
+            let rec = ix.get(path).unwrap().expect("recorded").record;
+            // Sequence numbers follow the batch's order, whichever thread linked the file.
+            assert!(rec.sequence > last_seq, "{path} recorded out of order");
+            last_seq = rec.sequence;
+        }
+        drop(ix);
+        for (path, content) in &want {
+            let got = std::fs::read(ap.root.join(path)).unwrap();
+            if path == "d3/f003" {
+                assert_eq!(got, b"mine");
+            } else {
+                assert!(got == *content, "{path} differs");
+            }
+        }
         let left = std::fs::read_dir(&ap.tmp).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0);
     }

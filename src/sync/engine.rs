@@ -234,13 +234,14 @@ impl Engine {
         std::fs::create_dir_all(&tmp)?;
         apply::clear_tmp(&tmp);
         let db = Arc::new(Mutex::new(SyncDb::open(&b)?));
+        let blocks = Arc::new(crate::sync::store::BlockTable::open(&b)?);
         let me = ctx.local.device;
         // First scan: catches everything that happened while no daemon ran, including a file
         // renamed into place just before a crash (same content as the peer's: a merge, not a
         // conflict).
         {
             let local = ctx.local.clone();
-            let db = db.clone();
+            let blocks = blocks.clone();
             blocking(move || -> anyhow::Result<()> {
                 let mut ix = local
                     .index
@@ -257,7 +258,7 @@ impl Engine {
                     .map(|r| (r.path, r.blocks))
                     .collect();
                 drop(ix);
-                lock(&db).rebuild_blocks(&files)?;
+                blocks.rebuild(&files)?;
                 Ok(())
             })
             .await??;
@@ -284,6 +285,7 @@ impl Engine {
             local: ctx.local.clone(),
             locks: ctx.locks.clone(),
             db: db.clone(),
+            blocks,
             own_creates: own_creates.clone(),
         });
         let engine = Arc::new(Engine {
@@ -565,7 +567,7 @@ impl Engine {
 
     async fn run_scan(&self, paths: BTreeSet<RelPath>) {
         let local = self.ctx.local.clone();
-        let db = self.db.clone();
+        let applier = self.applier.clone();
         let me = self.me;
         let scan_db = self.scan_db.clone();
         let res = blocking(move || -> anyhow::Result<(Vec<RelPath>, Option<u64>)> {
@@ -618,11 +620,9 @@ impl Engine {
                 blocks.push((p.clone(), b));
             }
             let max = ix.max_sequence()?;
+            // Queued before the index lock goes: in order with the applier's own.
+            applier.blocks.record(blocks);
             drop(ix);
-            let mut db = lock(&db);
-            for (p, b) in blocks {
-                db.set_blocks(&p, &b)?;
-            }
             Ok((changed, Some(max)))
         })
         .await;
