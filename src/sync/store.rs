@@ -54,25 +54,56 @@ fn light_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Record>> {
     }))
 }
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS remote_files (
-    peer   TEXT NOT NULL,
+/// Keyed by path first, without a rowid: storing a record is one B-tree insert and finding a
+/// path's records one descent (was a rowid table, its (peer, path) key and a path index: three
+/// inserts, two descents; a tenth of a receiver's time at 10,000 new files).
+const REMOTE_FILES: &str = "CREATE TABLE IF NOT EXISTS remote_files (
     path   TEXT NOT NULL,
+    peer   TEXT NOT NULL,
     seq    INTEGER NOT NULL,
     record BLOB NOT NULL,
-    PRIMARY KEY (peer, path)
-);
-CREATE INDEX IF NOT EXISTS remote_files_path ON remote_files(path);
+    PRIMARY KEY (path, peer)
+) WITHOUT ROWID;";
+
+/// An index made before [`REMOTE_FILES`]: its rows are moved over once.
+const MIGRATE_REMOTE_FILES: &str = "
+ALTER TABLE remote_files RENAME TO remote_files_old;
+DROP INDEX IF EXISTS remote_files_path;
+{REMOTE_FILES}
+INSERT OR REPLACE INTO remote_files(path, peer, seq, record)
+    SELECT path, peer, seq, record FROM remote_files_old;
+DROP TABLE remote_files_old;";
+
+const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS remote_seq (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 -- The block table moved to a database of its own (`BlockTable`).
 DROP TABLE IF EXISTS blocks;
 "#;
 
+fn create_schema(conn: &Connection) -> anyhow::Result<()> {
+    let old_layout: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'remote_files'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if old_layout.is_some_and(|sql| !sql.contains("WITHOUT ROWID")) {
+        let migrate = MIGRATE_REMOTE_FILES.replace("{REMOTE_FILES}", REMOTE_FILES);
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {migrate} COMMIT;"))
+            .context("moving the peers' records to their new table")?;
+    }
+    conn.execute_batch(REMOTE_FILES)
+        .context("creating sync tables")?;
+    conn.execute_batch(SCHEMA).context("creating sync tables")?;
+    Ok(())
+}
+
 impl SyncDb {
     pub fn open(b: &BoxDir) -> anyhow::Result<SyncDb> {
         let conn = Connection::open(b.index_path()).context("opening sync tables")?;
         crate::index::configure(&conn)?;
-        conn.execute_batch(SCHEMA).context("creating sync tables")?;
+        create_schema(&conn)?;
         Ok(SyncDb { conn })
     }
 
@@ -97,7 +128,7 @@ impl SyncDb {
 
     pub fn open_in_memory() -> anyhow::Result<SyncDb> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)?;
+        create_schema(&conn)?;
         Ok(SyncDb { conn })
     }
 
@@ -126,7 +157,7 @@ impl SyncDb {
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO remote_files(peer, path, seq, record) VALUES(?1, ?2, ?3, ?4)
-                 ON CONFLICT(peer, path) DO UPDATE SET seq = excluded.seq, record = excluded.record
+                 ON CONFLICT(path, peer) DO UPDATE SET seq = excluded.seq, record = excluded.record
                  WHERE excluded.seq >= remote_files.seq",
             )?;
             for r in records {
@@ -599,6 +630,79 @@ mod tests {
         drop(t);
         let t = BlockTable::open_at(&dir.path().join("blocks.db")).unwrap();
         assert_eq!(t.find(&h2).unwrap(), vec![(rel("c"), 0)]);
+    }
+
+    fn record(path: &str, seq: u64, size: u64) -> Record {
+        Record {
+            path: rel(path),
+            kind: crate::model::Kind::File,
+            size,
+            mtime_ns: 1,
+            mode: 0o644,
+            target: None,
+            md5: None,
+            sha256: Some([7; 32]),
+            blocks: vec![[7; 32]],
+            version: crate::model::VersionVector::new(),
+            deleted: false,
+            sequence: seq,
+            modified_by: 1,
+        }
+    }
+
+    #[test]
+    fn peers_records_stored_in_the_old_layout_are_moved_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = crate::config::BoxDir::init(&dir.path().join("box")).unwrap();
+        {
+            // The layout before: a rowid table, its (peer, path) key and a path index.
+            let conn = Connection::open(b.index_path()).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE remote_files (peer TEXT NOT NULL, path TEXT NOT NULL,
+                     seq INTEGER NOT NULL, record BLOB NOT NULL, PRIMARY KEY (peer, path));
+                 CREATE INDEX remote_files_path ON remote_files(path);",
+            )
+            .unwrap();
+            for (peer, r) in [("P", record("a", 3, 10)), ("Q", record("a", 5, 20))] {
+                conn.execute(
+                    "INSERT INTO remote_files VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        peer,
+                        r.path.as_str(),
+                        r.sequence as i64,
+                        bincode::serialize(&r).unwrap()
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let mut db = SyncDb::open(&b).unwrap();
+        let got = db.remote_records(&rel("a")).unwrap();
+        let sizes: Vec<(&str, u64)> = got.iter().map(|(p, r)| (p.as_str(), r.size)).collect();
+        assert_eq!(sizes, [("P", 10), ("Q", 20)]);
+        // Newer records replace older ones, an older one never replaces a newer one.
+        db.store_remote("P", &[record("a", 4, 11)]).unwrap();
+        db.store_remote("Q", &[record("a", 1, 99)]).unwrap();
+        let got = db.remote_records(&rel("a")).unwrap();
+        let sizes: Vec<(&str, u64)> = got.iter().map(|(p, r)| (p.as_str(), r.size)).collect();
+        assert_eq!(sizes, [("P", 11), ("Q", 20)]);
+        let mut seen = Vec::new();
+        db.merge_with_remote("Q", |_, r| seen.extend(r.map(|r| r.size)))
+            .unwrap();
+        assert_eq!(seen, [20]);
+        // Opened again (the next daemon): nothing to move, nothing lost.
+        drop(db);
+        let db = SyncDb::open(&b).unwrap();
+        assert_eq!(db.remote_records(&rel("a")).unwrap().len(), 2);
+        let old: i64 = db
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE 'remote_files_%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0);
     }
 
     #[test]
