@@ -418,8 +418,22 @@ impl HashFilter {
 }
 
 impl BlockTable {
+    /// Open the box's block table; one that cannot be opened (a damaged file) is started
+    /// afresh: nothing in it is not also in the index, and the rebuild at start refills it.
     pub fn open(b: &BoxDir) -> anyhow::Result<BlockTable> {
-        BlockTable::open_at(&b.meta().join("blocks.db"))
+        let path = b.meta().join("blocks.db");
+        match BlockTable::open_at(&path) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                tracing::warn!("{e:#}; starting the block table afresh");
+                for ext in ["", "-wal", "-shm"] {
+                    let mut p = path.clone().into_os_string();
+                    p.push(ext);
+                    let _ = std::fs::remove_file(p);
+                }
+                BlockTable::open_at(&path)
+            }
+        }
     }
 
     pub fn open_at(path: &std::path::Path) -> anyhow::Result<BlockTable> {
@@ -703,6 +717,17 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old, 0);
+    }
+
+    #[test]
+    fn a_damaged_block_table_is_started_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = crate::config::BoxDir::init(&dir.path().join("box")).unwrap();
+        std::fs::write(b.meta().join("blocks.db"), vec![0xA5u8; 8192]).unwrap();
+        let t = BlockTable::open(&b).unwrap();
+        t.record(vec![(rel("a"), vec![[9; 32]])]);
+        t.flush();
+        assert_eq!(t.find(&[9; 32]).unwrap(), vec![(rel("a"), 0)]);
     }
 
     #[test]
