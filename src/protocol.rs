@@ -15,7 +15,7 @@ pub const DATA_CHUNK: usize = 1024 * 1024;
 /// Entries per listing frame, so a 100k-file listing streams instead of hitting the cap.
 pub const ENTRIES_PER_FRAME: usize = 2000;
 /// Protocol version spoken; bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The bytes of a data message (a download chunk, a block). A chunk decoded by
 /// [`decode_shared`] is a view into the received frame's own buffer: the data is not copied
@@ -447,6 +447,9 @@ pub fn sample_frames() -> Vec<Frame> {
         },
         Request::Sync(SyncRequest::IndexSince { since: 3 }),
         Request::Sync(SyncRequest::IndexChanged { max_seq: 4 }),
+        Request::Sync(SyncRequest::Changing {
+            paths: vec![path.clone()],
+        }),
         Request::Sync(SyncRequest::GetBlocks {
             path: path.clone(),
             first: 2,
@@ -580,6 +583,7 @@ pub fn sample_frames() -> Vec<Frame> {
                 Request::Sync(s) => match s {
                     SyncRequest::IndexSince { .. }
                     | SyncRequest::IndexChanged { .. }
+                    | SyncRequest::Changing { .. }
                     | SyncRequest::GetBlocks { .. }
                     | SyncRequest::GetIndexedBlocks { .. }
                     | SyncRequest::GetBatch { .. }

@@ -101,6 +101,39 @@ fn one_byte_change_moves_one_block() {
     );
 }
 
+/// One byte changed in place in a large file: the sender says so before it hashes the file, the
+/// receiver copies its own version meanwhile and builds the new version from that copy (the
+/// unchanged blocks are not copied again after the announcement), fetching one block.
+#[test]
+fn a_large_edit_is_built_from_a_copy_made_ahead() {
+    use std::os::unix::fs::FileExt;
+    let (a, b) = two_boxes();
+    let mut data: Vec<u8> = (0..70_000_000u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    a.write("big.bin", &data);
+    wait_converged(&[&a, &b], CONVERGE);
+    let stat = |t: &TestBox, k: &str| t.status_json()["stats"][k].as_u64().unwrap();
+    assert_eq!(stat(&b, "bytes_copied_ahead"), 0);
+    let fetched = stat(&b, "bytes_fetched");
+    data[40_000_000] ^= 0xff;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.path("big.bin"))
+        .unwrap();
+    f.write_all_at(&data[40_000_000..40_000_001], 40_000_000)
+        .unwrap();
+    drop(f);
+    wait_converged(&[&a, &b], CONVERGE);
+    assert!(b.read("big.bin").unwrap() == data, "B's copy differs");
+    let ahead = stat(&b, "bytes_copied_ahead");
+    assert!(
+        ahead >= data.len() as u64 - 128 * 1024,
+        "{ahead} bytes came from a copy made ahead"
+    );
+    assert!(stat(&b, "bytes_fetched") - fetched <= 128 * 1024);
+}
+
 #[test]
 fn propagation_is_fast() {
     let (a, b) = two_boxes();

@@ -2,13 +2,14 @@
 # Sync benchmark (not a test): mybox daemons on loopback against rsync -a, unison and Syncthing
 # on the same data, printed as one table.
 #
-#   scripts/bench/sync.sh [--quick] [--skip-100k] [--skip-1g]
+#   scripts/bench/sync.sh [--quick] [--skip-100k] [--skip-1g] [--only-1g]
 #
 # Needs a release build (cargo build --release) and, for the comparison columns, the Debian
 # packages rsync, unison and syncthing (apt-get install -y rsync unison syncthing); a tool that is
 # missing shows "n/a". Everything lives under $BENCH_DIR (default /tmp/mybox-bench) and every
-# process started is stopped by its PID. Initial syncs run ROUNDS times (default 3), mybox,
-# rsync and unison alternating; the table shows medians, the lines under it each round's ratio.
+# process started is stopped by its PID. Initial syncs and the one-byte change run ROUNDS times
+# (default 3), the tools alternating; the table shows medians, the lines under it each round's
+# ratio. --only-1g times the one-byte change alone.
 # mybox makes what it receives durable before it is renamed into place (one syncfs a round of
 # files); rsync -a does not flush at all. So each round also times `rsync -a --fsync` (durable
 # like mybox) and, where libeatmydata is installed (apt-get install -y eatmydata), mybox with its
@@ -26,6 +27,7 @@ MYBOX = os.environ["MYBOX"]
 BASE = os.environ.get("BENCH_DIR", "/tmp/mybox-bench")
 ARGS = set(sys.argv[1:])
 QUICK = "--quick" in ARGS
+ONLY_1G = "--only-1g" in ARGS
 PROCS = []
 
 
@@ -594,10 +596,12 @@ def main():
     rows = Rows()
     notes = []
     try:
-        std = dataset_std()
-        small = dataset_small(2000 if QUICK else 10000)
-        for label, src in ((f"initial sync: rust std docs ({count_entries(std)} entries)", std),
-                           (f"initial sync: {'2,000' if QUICK else '10,000'} x 4 KiB files", small)):
+        std = None if ONLY_1G else dataset_std()
+        small = None if ONLY_1G else dataset_small(2000 if QUICK else 10000)
+        initial = () if ONLY_1G else (
+            (f"initial sync: rust std docs ({count_entries(std)} entries)", std),
+            (f"initial sync: {'2,000' if QUICK else '10,000'} x 4 KiB files", small))
+        for label, src in initial:
             log(label)
             # Alternating rounds (the machine's speed drifts within minutes); medians are shown
             # and each round's mybox / rsync ratio is printed under the table.
@@ -631,23 +635,37 @@ def main():
                 notes.append(f"  flushes off: mybox under libeatmydata / rsync -a per round "
                              + " ".join(f"{m / r:.2f}" for m, r in zip(mine_no_flush, rs))
                              + f" (mybox {' '.join(f'{m:.2f}' for m in mine_no_flush)} s)")
-        log("propagation")
-        p50, p95 = propagation_mybox()
-        stp = propagation_syncthing()
-        rows.append(("new 1 KiB file: propagation p50 / p95 (20 runs)",
-                     f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms", "n/a (not continuous)", "n/a (not continuous)",
-                     "n/a" if stp is None else f"{stp[0] * 1000:.0f} / {stp[1] * 1000:.0f} ms"))
+        if not ONLY_1G:
+            log("propagation")
+            p50, p95 = propagation_mybox()
+            stp = propagation_syncthing()
+            rows.append(("new 1 KiB file: propagation p50 / p95 (20 runs)",
+                         f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms", "n/a (not continuous)",
+                         "n/a (not continuous)",
+                         "n/a" if stp is None else f"{stp[0] * 1000:.0f} / {stp[1] * 1000:.0f} ms"))
         if "--skip-1g" not in ARGS:
             size = (256 if QUICK else 1024) << 20
             log(f"one-byte change in a {size >> 20} MiB file")
-            t, moved = one_byte_mybox(size)
-            rt, rsent = one_byte_rsync(size)
+            # Alternating rounds, like the initial syncs: the disk's speed swings 2x within
+            # minutes, and both tools write a whole new copy.
+            ts, rts, moved, rsent = [], [], 0, None
+            for _ in range(ROUNDS):
+                t, moved = one_byte_mybox(size)
+                ts.append(t)
+                rt, rsent = one_byte_rsync(size)
+                rts.append(rt)
+            rt = None if None in rts else median(rts)
             rows.append((f"one byte changed in a {size >> 20} MiB file: time, bytes on the wire",
-                         f"{t:.2f} s, {moved / 1024:.0f} KiB",
+                         f"{median(ts):.2f} s, {moved / 1024:.0f} KiB",
                          "n/a" if rt is None else
                          f"{rt:.2f} s, {'?' if rsent is None else f'{rsent / 1024:.0f}'} KiB"
                          " (--no-whole-file)", "", ""))
-        if "--skip-100k" not in ARGS:
+            if rt is not None:
+                notes.append(f"one byte in {size >> 20} MiB: mybox / rsync per round "
+                             + " ".join(f"{m / r:.2f}" for m, r in zip(ts, rts))
+                             + f" (mybox {' '.join(f'{m:.2f}' for m in ts)} s,"
+                             + f" rsync {' '.join(f'{r:.2f}' for r in rts)} s)")
+        if "--skip-100k" not in ARGS and not ONLY_1G:
             n = 20000 if QUICK else 100000
             log(f"{n} files: memory")
             scan, t, (ra, rb) = memory_100k(n)

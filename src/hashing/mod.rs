@@ -467,10 +467,12 @@ pub fn hash_reader_without_md5(mut r: impl Read, size_hint: u64) -> io::Result<C
 }
 
 /// MD5 of a file as it is now, with the stat key it had throughout (None when it changed while
-/// being read: whoever changed it triggers a rescan).
+/// being read: whoever changed it triggers a rescan). `pause` runs before each chunk is read:
+/// a background caller waits there while more urgent work uses the disk.
 pub fn md5_of(
     root: &Path,
     rel: &crate::paths::RelPath,
+    pause: &dyn Fn(),
 ) -> Result<Option<([u8; 16], StatKey)>, HashError> {
     let mut f = crate::paths::open_beneath(root, rel)?;
     let before = f.metadata()?;
@@ -481,6 +483,7 @@ pub fn md5_of(
     let mut m = Md5::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
+        pause();
         let n = match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -563,7 +566,7 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(dir.path().join("f"), &data).unwrap();
         let rel = crate::paths::RelPath::parse("f").unwrap();
-        let (md5, key) = md5_of(dir.path(), &rel).unwrap().unwrap();
+        let (md5, key) = md5_of(dir.path(), &rel, &|| ()).unwrap().unwrap();
         assert_eq!(md5, <[u8; 16]>::from(Md5::digest(&data)));
         assert_eq!(key.size, data.len() as u64);
     }

@@ -17,7 +17,7 @@ use crate::paths::RelPath;
 use crate::protocol::{Chunk, ErrorCode, Request, Response};
 use crate::scan::{self, HashWanted, IgnoreRules};
 use crate::server::{BoxHandler, ServerCtx, LOCK_WAIT};
-use crate::sync::apply::{self, Applier, ApplyError, Building};
+use crate::sync::apply::{self, Applier, ApplyError, Building, PRECOPY_MIN, PRECOPY_TTL};
 use crate::sync::planner::{self, Action};
 use crate::sync::proto::{self, SyncRequest, SyncResponse};
 use crate::sync::store::SyncDb;
@@ -29,6 +29,10 @@ pub use hydrate::Hydration;
 pub const DEBOUNCE: Duration = Duration::from_millis(30);
 /// How long the MD5 filler waits after the last change before reading files again.
 const MD5_DELAY: Duration = Duration::from_secs(2);
+/// Paths of one `Changing` hint looked at (each copy made ahead is a whole large file).
+const PRECOPY_PATHS_MAX: usize = 8;
+/// The longest the MD5 filler stands aside for syncing before reading its next chunk anyway.
+const YIELD_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -102,6 +106,8 @@ pub struct Stats {
     /// The part of `bytes_fetched` that came over the UDP bulk path.
     pub bytes_fetched_udp: AtomicU64,
     pub bytes_reused: AtomicU64,
+    /// The part of `bytes_reused` taken from copies made ahead ([`apply::Precopies`]).
+    pub bytes_copied_ahead: AtomicU64,
     pub files_pulled: AtomicU64,
     pub deleted: AtomicU64,
     pub conflicts: AtomicU64,
@@ -129,6 +135,8 @@ pub struct Engine {
     /// Wakes the MD5 filler (see [`HashWanted::Sync`]).
     md5_wake: Notify,
     scan_tx: mpsc::UnboundedSender<RelPath>,
+    /// Large files the scanner is about to hash (see [`SyncRequest::Changing`]).
+    changing_tx: mpsc::UnboundedSender<Vec<RelPath>>,
     seq_tx: watch::Sender<u64>,
     pub stats: Stats,
     last_error: Mutex<Option<(String, String)>>,
@@ -136,6 +144,8 @@ pub struct Engine {
     handler: Arc<dyn Handler>,
     rescan_every: Duration,
     busy: AtomicU64,
+    /// Scans running (see [`Engine::wait_for_foreground`]).
+    scanning: AtomicU64,
     /// Woken whenever the puller finishes a round or a peer's index arrives (see
     /// [`Engine::status_when_synced`]).
     progress: Notify,
@@ -175,7 +185,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// One pass of the MD5 filler: up to 256 files, each read without holding the index and recorded
 /// only if it did not change meanwhile. Returns how many were filled in.
-fn fill_md5s(local: &crate::query::LocalBox) -> anyhow::Result<usize> {
+fn fill_md5s(local: &crate::query::LocalBox, pause: &dyn Fn()) -> anyhow::Result<usize> {
     let todo = local
         .index
         .lock()
@@ -184,7 +194,7 @@ fn fill_md5s(local: &crate::query::LocalBox) -> anyhow::Result<usize> {
     tracing::debug!("md5 filler: {} files without an MD5", todo.len());
     let mut filled = 0;
     for (path, stat) in todo {
-        match crate::hashing::md5_of(&local.dir.root, &path) {
+        match crate::hashing::md5_of(&local.dir.root, &path, pause) {
             Ok(Some((md5, now))) if now == stat => {
                 let ix = local
                     .index
@@ -276,6 +286,7 @@ impl Engine {
             .unwrap_or(0)
         };
         let (scan_tx, scan_rx) = mpsc::unbounded_channel();
+        let (changing_tx, changing_rx) = mpsc::unbounded_channel();
         let (seq_tx, _) = watch::channel(max_seq);
         let (shutdown, _) = watch::channel(false);
         let own_creates = Arc::new(crate::sync::watch::OwnCreates::default());
@@ -287,6 +298,7 @@ impl Engine {
             db: db.clone(),
             blocks,
             own_creates: own_creates.clone(),
+            precopies: Default::default(),
         });
         let engine = Arc::new(Engine {
             handler: Arc::new(BoxHandler(ctx.clone())),
@@ -305,12 +317,14 @@ impl Engine {
             pull_wake: Notify::new(),
             md5_wake: Notify::new(),
             scan_tx: scan_tx.clone(),
+            changing_tx,
             seq_tx,
             stats: Stats::default(),
             last_error: Mutex::new(None),
             shutdown,
             rescan_every,
             busy: AtomicU64::new(0),
+            scanning: AtomicU64::new(0),
             progress: Notify::new(),
             on_applied: Mutex::new(None),
             on_demand,
@@ -334,6 +348,7 @@ impl Engine {
         tokio::spawn(engine.clone().scanner(scan_rx));
         tokio::spawn(engine.clone().puller());
         tokio::spawn(engine.clone().md5_filler());
+        tokio::spawn(engine.clone().announce_changing(changing_rx));
         tokio::spawn(engine.clone().supervisor());
         // Whatever the stored remote indexes still need (e.g. after a restart).
         for peer in ctx.peers.current() {
@@ -539,13 +554,17 @@ impl Engine {
                 _ = stop.changed() => return,
             }
             let local = self.ctx.local.clone();
+            let engine = self.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
-            // A thread of its own at low priority: syncing and serving go first.
+            // A thread of its own at low priority: syncing and serving go first. Nice 19 only
+            // yields the CPU; its reads also stand aside while this box pulls or scans (one
+            // byte changed in a 1 GiB file, arriving while this read the previous 1 GiB from
+            // disk: copy 1.5-1.95 s instead of 0.54-0.72 s).
             let spawned = std::thread::Builder::new()
                 .name("md5-filler".into())
                 .spawn(move || {
                     lower_thread_priority();
-                    let _ = tx.send(fill_md5s(&local));
+                    let _ = tx.send(fill_md5s(&local, &|| engine.wait_for_foreground()));
                 });
             let res = match spawned {
                 Ok(_) => rx
@@ -565,7 +584,50 @@ impl Engine {
         }
     }
 
+    /// Blocks the calling (background) thread while the puller or the scanner works, at most
+    /// [`YIELD_MAX`] at a time, so background reading always makes some progress.
+    fn wait_for_foreground(&self) {
+        let deadline = Instant::now() + YIELD_MAX;
+        while (self.busy.load(Ordering::Relaxed) > 0
+            || self.scanning.load(Ordering::Relaxed) > 0
+            || self.applier.precopies.running())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Tell the connected peers which large files this box is about to hash (each may copy its
+    /// own version ahead meanwhile).
+    async fn announce_changing(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<RelPath>>) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let paths = tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let conns: Vec<Conn> = lock(&self.peers)
+                .values()
+                .filter_map(|s| s.conn.clone())
+                .collect();
+            for conn in conns {
+                let req = Request::Sync(SyncRequest::Changing {
+                    paths: paths.clone(),
+                });
+                tokio::spawn(async move {
+                    let _ = conn.call(req).await;
+                });
+            }
+        }
+    }
+
     async fn run_scan(&self, paths: BTreeSet<RelPath>) {
+        self.scanning.fetch_add(1, Ordering::Relaxed);
+        let _scanning = Decrement(&self.scanning);
+        let changing = self.changing_tx.clone();
         let local = self.ctx.local.clone();
         let applier = self.applier.clone();
         let me = self.me;
@@ -582,10 +644,28 @@ impl Engine {
                     *reader = SyncDb::open_reader(&local.dir).ok();
                 }
                 match reader.as_ref() {
-                    Some(r) => paths
-                        .into_iter()
-                        .filter(|p| !unchanged(&local.dir.root, |p| r.local_stored(p), p))
-                        .collect(),
+                    Some(r) => {
+                        let paths: BTreeSet<RelPath> = paths
+                            .into_iter()
+                            .filter(|p| !unchanged(&local.dir.root, |p| r.local_stored(p), p))
+                            .collect();
+                        // Large files about to be hashed again: the peers hear of them before
+                        // the hashing starts (0.6 s for 1 GiB).
+                        let large: Vec<RelPath> = paths
+                            .iter()
+                            .filter(|p| {
+                                r.local_stored(p).ok().flatten().is_some_and(|st| {
+                                    let r = &st.record;
+                                    r.kind == Kind::File && !r.deleted && r.size >= PRECOPY_MIN
+                                })
+                            })
+                            .cloned()
+                            .collect();
+                        if !large.is_empty() {
+                            let _ = changing.send(large);
+                        }
+                        paths
+                    }
                     None => paths,
                 }
             };
@@ -962,6 +1042,33 @@ impl Engine {
                     self.adopt(conn.clone(), false);
                 }
                 self.serve_index(since, out).await
+            }
+            SyncRequest::Changing { paths } => {
+                // On demand, a file absent here is streamed when read, not built ahead.
+                if !self.on_demand {
+                    // Slots taken here, before the answer, so the peer's announcement that
+                    // follows finds them (a build waits for its copy) however late the copies
+                    // start.
+                    let paths: Vec<RelPath> = paths
+                        .into_iter()
+                        .take(PRECOPY_PATHS_MAX)
+                        .filter(|p| self.applier.precopies.reserve(p))
+                        .collect();
+                    let applier = self.applier.clone();
+                    tokio::spawn(async move {
+                        let a = applier.clone();
+                        let made = blocking(move || {
+                            paths.iter().filter(|p| a.precopy_reserved(p)).count()
+                        })
+                        .await;
+                        if matches!(made, Ok(n) if n > 0) {
+                            tokio::time::sleep(PRECOPY_TTL + Duration::from_secs(1)).await;
+                            applier.precopies.expire();
+                        }
+                    });
+                }
+                let _ = out.end(Response::Sync(SyncResponse::Ack)).await;
+                "ok".into()
             }
             SyncRequest::IndexChanged { .. } => {
                 if !self.is_current(conn) {
@@ -1750,6 +1857,9 @@ impl Engine {
                     self.stats
                         .bytes_reused
                         .fetch_add(building.reused, Ordering::Relaxed);
+                    self.stats
+                        .bytes_copied_ahead
+                        .fetch_add(building.copied_ahead, Ordering::Relaxed);
                     if building.missing.is_empty() {
                         ready.push(Fetched { pl, building });
                     } else {
@@ -2144,6 +2254,9 @@ impl Engine {
         self.stats
             .bytes_reused
             .fetch_add(building.reused, Ordering::Relaxed);
+        self.stats
+            .bytes_copied_ahead
+            .fetch_add(building.copied_ahead, Ordering::Relaxed);
         if !building.missing.is_empty() {
             let conn = self
                 .conn_for(peer)
@@ -2437,6 +2550,7 @@ impl Engine {
                 "bytes_fetched": self.stats.bytes_fetched.load(Ordering::Relaxed),
                 "bytes_fetched_udp": self.stats.bytes_fetched_udp.load(Ordering::Relaxed),
                 "bytes_reused": self.stats.bytes_reused.load(Ordering::Relaxed),
+                "bytes_copied_ahead": self.stats.bytes_copied_ahead.load(Ordering::Relaxed),
                 "files_pulled": self.stats.files_pulled.load(Ordering::Relaxed),
                 "deleted": self.stats.deleted.load(Ordering::Relaxed),
                 "conflicts_resolved": self.stats.conflicts.load(Ordering::Relaxed),
@@ -2952,6 +3066,15 @@ fn reduce_roots(set: BTreeSet<RelPath>) -> Vec<RelPath> {
         out.push(p);
     }
     out
+}
+
+/// Decrements a counter when dropped (whatever way the scope is left).
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

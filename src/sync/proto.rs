@@ -51,6 +51,10 @@ pub enum SyncRequest {
     IndexSince { since: u64 },
     /// The sender's index advanced to `max_seq`; the receiver pulls when it likes.
     IndexChanged { max_seq: u64 },
+    /// The sender is hashing new versions of these large files (it announces them when done):
+    /// the receiver may copy its own versions ahead, to build the new ones from. A hint only;
+    /// answered by `SyncResponse::Ack` at once.
+    Changing { paths: Vec<RelPath> },
     /// The blocks `first, first+1, ...` of `path`, expected to hash to `hashes`: answered by one
     /// `Response::Data` per block. The server refuses (ErrorCode::Changed) as soon as a block on
     /// disk does not match, so content that was never announced is never shipped.
@@ -84,6 +88,7 @@ impl SyncRequest {
         match self {
             SyncRequest::IndexSince { .. } => "index-since",
             SyncRequest::IndexChanged { .. } => "index-changed",
+            SyncRequest::Changing { .. } => "changing",
             SyncRequest::GetBlocks { .. } => "get-blocks",
             SyncRequest::GetBatch { .. } => "get-batch",
             SyncRequest::Bye => "bye",
