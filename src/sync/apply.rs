@@ -109,6 +109,22 @@ pub struct Precopies {
     changed: Condvar,
 }
 
+/// Ends a reservation left running (see [`Applier::precopy_reserved`]) and wakes the builds
+/// waiting for it.
+struct Unreserve<'a>(&'a Precopies, &'a RelPath);
+
+impl Drop for Unreserve<'_> {
+    fn drop(&mut self) {
+        {
+            let mut slots = self.0.slots();
+            if let Some(PrecopySlot::Running) = slots.get(self.1) {
+                slots.remove(self.1);
+            }
+        }
+        self.0.changed.notify_all();
+    }
+}
+
 enum PrecopySlot {
     Running,
     Ready { copy: Precopy, made: Instant },
@@ -623,6 +639,9 @@ impl Applier {
     /// [`Applier::precopy`] for a path whose slot [`Precopies::reserve`] took: a build of
     /// `path` that starts meanwhile waits for this to finish.
     pub fn precopy_reserved(&self, path: &RelPath) -> bool {
+        // Whatever way this ends (a panic included), the slot does not stay "running": a build
+        // of the path would wait for it forever.
+        let _release = Unreserve(&self.precopies, path);
         let copy = match self.stored(path) {
             Ok(Some(old)) => {
                 let r = &old.record;
@@ -635,21 +654,14 @@ impl Applier {
             }
             _ => None,
         };
-        let made = copy.is_some();
-        {
-            let mut slots = self.precopies.slots();
-            match copy {
-                Some(copy) => {
-                    let made = Instant::now();
-                    slots.insert(path.clone(), PrecopySlot::Ready { copy, made });
-                }
-                None => {
-                    slots.remove(path);
-                }
-            }
-        }
-        self.precopies.changed.notify_all();
-        made
+        let Some(copy) = copy else {
+            return false;
+        };
+        let made = Instant::now();
+        self.precopies
+            .slots()
+            .insert(path.clone(), PrecopySlot::Ready { copy, made });
+        true
     }
 
     /// The copy of [`Applier::precopy`]: the file on disk, if it has the stat key `want`
@@ -2023,6 +2035,14 @@ mod tests {
         let small = built(&ap, "small.txt", b"small").0;
         ap.finish_file(small, None, None).unwrap();
         assert!(!ap.precopy(&RelPath::parse("small.txt").unwrap()));
+        // A reservation that makes no copy leaves no slot behind (a build would wait on it).
+        assert!(ap.precopies.reserve(&RelPath::parse("small.txt").unwrap()));
+        assert!(!ap.precopy_reserved(&RelPath::parse("small.txt").unwrap()));
+        assert!(!ap.precopies.running());
+        assert!(ap
+            .precopies
+            .claim(&RelPath::parse("small.txt").unwrap())
+            .is_none());
         assert!(!ap.precopy(&RelPath::parse("absent.bin").unwrap()));
         let (v1, _) = large_in_place(&ap);
         assert!(ap.precopy(&v1.path));
