@@ -696,8 +696,9 @@ impl Applier {
         anonymous: bool,
     ) -> Result<Building, ApplyError> {
         // A copy of the previous version made while the peer hashed this one becomes the temp
-        // file (checked against the previous version's stat key below).
-        let mut ahead = if previous && rec.size >= PRECOPY_MIN {
+        // file (checked against the previous version's stat key below). Claimed whatever this
+        // version's size: a copy left unclaimed would hold its disk space until it expires.
+        let mut ahead = if previous {
             self.precopies.claim(&rec.path)
         } else {
             None
@@ -1970,6 +1971,16 @@ mod tests {
             finish_from(&ap, b, &content, &v1) == content,
             "wrong content"
         );
+        assert_eq!(temp_files(&ap), 0, "a temp file was left");
+        // The next version is small: the copy made ahead is claimed and dropped, not left.
+        assert!(ap.precopy(&v1.path));
+        let mut version = v2.version.clone();
+        version.bump(7);
+        let small = record_of(v1.path.as_str(), b"now small", version);
+        let b = ap.prepare_file(&small).unwrap();
+        assert_eq!(b.copied_ahead, 0);
+        assert_eq!(ap.precopies.ready(), 0, "the copy was left unclaimed");
+        assert!(finish_from(&ap, b, b"now small", &v2) == b"now small");
         assert_eq!(temp_files(&ap), 0, "a temp file was left");
     }
 
