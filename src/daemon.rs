@@ -288,6 +288,14 @@ pub fn status(b: &BoxDir, json: bool, wait: Option<Duration>) -> anyhow::Result<
             size(n(&v["online_only_bytes"]))
         );
     }
+    // Large files are synced on their SHA-256; the MD5 the query commands show follows.
+    if let Some(files) = v["md5_pending_files"].as_u64().filter(|&f| f > 0) {
+        println!(
+            "MD5 still to compute: {} files, {}",
+            files,
+            size(n(&v["md5_pending_bytes"]))
+        );
+    }
     println!("conflicts: {}", n(&v["conflicts"]));
     match v["last_error"].as_str() {
         Some(e) => println!("last error: {e} (at {})", s(&v["last_error_at"])),

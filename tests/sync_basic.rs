@@ -132,6 +132,22 @@ fn a_large_edit_is_built_from_a_copy_made_ahead() {
         "{ahead} bytes came from a copy made ahead"
     );
     assert!(stat(&b, "bytes_fetched") - fetched <= 128 * 1024);
+    // The MD5 the query commands show follows the sync; status counts what is still to do.
+    wait_for("B's MD5s filled in", CONVERGE, || {
+        b.status_json()["md5_pending_files"] == 0
+    });
+    assert_eq!(b.status_json()["md5_pending_bytes"], 0);
+    let out = mybox(&a.root, &["hash", "verify", "big.bin", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let md5: String = {
+        use md5::Digest;
+        md5::Md5::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(v[0]["md5"], md5.as_str(), "{v}");
 }
 
 #[test]

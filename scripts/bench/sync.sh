@@ -9,7 +9,9 @@
 # missing shows "n/a". Everything lives under $BENCH_DIR (default /tmp/mybox-bench) and every
 # process started is stopped by its PID. Initial syncs and the one-byte change run ROUNDS times
 # (default 3), the tools alternating; the table shows medians, the lines under it each round's
-# ratio. --only-1g times the one-byte change alone.
+# ratio. --only-1g times the one-byte change alone. The one-byte change is timed twice a round:
+# with both sides idle (the receiver's previous version in the page cache, as rsync's just-written
+# copy is) and with the page cache dropped first (root only; every tool then reads from disk).
 # mybox makes what it receives durable before it is renamed into place (one syncfs a round of
 # files); rsync -a does not flush at all. So each round also times `rsync -a --fsync` (durable
 # like mybox) and, where libeatmydata is installed (apt-get install -y eatmydata), mybox with its
@@ -482,73 +484,114 @@ def write_big(path, size):
             f.write(chunk[i % 7:] + chunk[:i % 7])
 
 
-def flip_middle_byte(path, size):
+def flip_byte(path, offset):
     with open(path, "r+b") as f:
-        f.seek(size // 2 + 12345)
+        f.seek(offset)
         old = f.read(1)
-        f.seek(size // 2 + 12345)
+        f.seek(offset)
         new = bytes([old[0] ^ 0xFF])
         f.write(new)
     return new
+
+
+# Two states of the receiver's previous version, each timed: "warm", the edit comes once both
+# sides are idle (a while after the last sync: the receiver has read its new version back for
+# the MD5 the query commands show, so it is in the page cache, as rsync's just-written copy is);
+# "cold", the page cache dropped first (the edit comes long after; every tool reads from disk).
+def drop_caches():
+    """Empty the page cache (root only); False when this machine does not allow it."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def one_byte_rsync(size):
     """The same change handed to `rsync -a --no-whole-file` (its delta algorithm; local copies
     skip it by default): what rewriting the file costs this machine at this moment, since any
     tool that never shows a half-written file builds a whole new 1 GiB copy. Not continuous, so
-    no detection time; rsync does not fsync what it writes. Returns the time and the bytes its
-    sender sent its receiver."""
+    no detection time; rsync does not fsync what it writes. Returns the warm and cold times
+    (cold None when the page cache cannot be dropped) and the bytes its sender sent its
+    receiver the first time."""
     if not shutil.which("rsync"):
-        return None, None
+        return None, None, None
     w = fresh("rsync-1g")
     src, dst = os.path.join(w, "A"), os.path.join(w, "B")
     os.makedirs(src)
     write_big(os.path.join(src, "big.bin"), size)
     run("rsync", "-a", src + "/", dst + "/")
-    os.sync()
-    time.sleep(1)
-    flip_middle_byte(os.path.join(src, "big.bin"), size)
-    t0 = time.time()
-    out = run("rsync", "-a", "--no-whole-file", "--stats", src + "/", dst + "/").stdout
-    t = time.time() - t0
-    sent = None
-    for line in out.splitlines():
-        if line.startswith("Total bytes sent:"):
-            sent = int(line.split(":")[1].strip().replace(",", ""))
-    return t, sent
+    times, sent = [], None
+    for offset, cold in ((size // 2 + 12345, False), (size // 3 + 777, True)):
+        os.sync()
+        time.sleep(1)
+        flip_byte(os.path.join(src, "big.bin"), offset)
+        if cold and not drop_caches():
+            times.append(None)
+            break
+        t0 = time.time()
+        out = run("rsync", "-a", "--no-whole-file", "--stats", src + "/", dst + "/").stdout
+        times.append(time.time() - t0)
+        for line in out.splitlines():
+            if sent is None and line.startswith("Total bytes sent:"):
+                sent = int(line.split(":")[1].strip().replace(",", ""))
+    return times[0], times[1], sent
+
+
+def wait_idle(boxes, timeout=300):
+    """Until every box is in sync and has filled in the MD5 of what it received."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        sts = [x.status() for x in boxes]
+        if all(st and st["to_pull_files"] == 0 and st.get("md5_pending_files", 0) == 0
+               for st in sts):
+            return
+        time.sleep(0.2)
+    raise SystemExit("mybox did not go idle in time")
 
 
 def one_byte_mybox(size):
+    """Warm and cold times (cold None when the page cache cannot be dropped) of a one-byte
+    change crossing, and the bytes the sender's sockets moved for the first."""
     w = fresh("mybox-1g")
     a, b = Box(os.path.join(w, "A")), Box(os.path.join(w, "B"))
     pair(a, b)
     path = os.path.join(a.root, "big.bin")
+    target = os.path.join(b.root, "big.bin")
     write_big(path, size)
     a.start(); b.start()
     wait_synced(b, 1)
-    # The setup's own writes (this script's 1 GiB, not fsynced) must not be what the timed
-    # fsync of the receiver waits for: flush them first.
-    os.sync()
-    time.sleep(1)
-    before = tcp_bytes(a.proc.pid)
-    t0 = time.time()
-    new = flip_middle_byte(path, size)
-    target = os.path.join(b.root, "big.bin")
-    # The new version is installed by one rename: the changed byte showing at B's path is the
-    # end (reading one byte every 5 ms costs B nothing, unlike a status pass).
-    while True:
-        with open(target, "rb") as f:
-            f.seek(size // 2 + 12345)
-            if f.read(1) == new:
-                break
-        time.sleep(0.005)
-        if time.time() - t0 > 600:
-            raise SystemExit("one-byte change never arrived")
-    t = time.time() - t0
-    time.sleep(0.5)
-    moved = tcp_bytes(a.proc.pid) - before
+    times, moved = [], None
+    for offset, cold in ((size // 2 + 12345, False), (size // 3 + 777, True)):
+        wait_idle([a, b])
+        # The setup's own writes (this script's 1 GiB, not fsynced) must not be what the timed
+        # fsync of the receiver waits for: flush them first.
+        os.sync()
+        if cold and not drop_caches():
+            times.append(None)
+            break
+        time.sleep(1)
+        before = tcp_bytes(a.proc.pid)
+        t0 = time.time()
+        new = flip_byte(path, offset)
+        # The new version is installed by one rename: the changed byte showing at B's path is
+        # the end (reading one byte every 5 ms costs B nothing, unlike a status pass).
+        while True:
+            with open(target, "rb") as f:
+                f.seek(offset)
+                if f.read(1) == new:
+                    break
+            time.sleep(0.005)
+            if time.time() - t0 > 600:
+                raise SystemExit("one-byte change never arrived")
+        times.append(time.time() - t0)
+        time.sleep(0.5)
+        if moved is None:
+            moved = tcp_bytes(a.proc.pid) - before
     a.stop(); b.stop()
-    return t, moved
+    return times[0], times[1], moved
 
 
 def memory_100k(n=100000):
@@ -648,23 +691,32 @@ def main():
             log(f"one-byte change in a {size >> 20} MiB file")
             # Alternating rounds, like the initial syncs: the disk's speed swings 2x within
             # minutes, and both tools write a whole new copy.
-            ts, rts, moved, rsent = [], [], 0, None
+            ts, rts, cts, rcts, moved, rsent = [], [], [], [], 0, None
             for _ in range(ROUNDS):
-                t, moved = one_byte_mybox(size)
+                t, ct, moved = one_byte_mybox(size)
                 ts.append(t)
-                rt, rsent = one_byte_rsync(size)
+                cts.append(ct)
+                rt, rct, rsent = one_byte_rsync(size)
                 rts.append(rt)
-            rt = None if None in rts else median(rts)
-            rows.append((f"one byte changed in a {size >> 20} MiB file: time, bytes on the wire",
-                         f"{median(ts):.2f} s, {moved / 1024:.0f} KiB",
-                         "n/a" if rt is None else
-                         f"{rt:.2f} s, {'?' if rsent is None else f'{rsent / 1024:.0f}'} KiB"
-                         " (--no-whole-file)", "", ""))
-            if rt is not None:
-                notes.append(f"one byte in {size >> 20} MiB: mybox / rsync per round "
-                             + " ".join(f"{m / r:.2f}" for m, r in zip(ts, rts))
-                             + f" (mybox {' '.join(f'{m:.2f}' for m in ts)} s,"
-                             + f" rsync {' '.join(f'{r:.2f}' for r in rts)} s)")
+                rcts.append(rct)
+            for state, mine, theirs in (("idle, old version cached", ts, rts),
+                                        ("page cache dropped first", cts, rcts)):
+                if None in mine:
+                    notes.append(f"one byte in {size >> 20} MiB, {state}: not timed "
+                                 "(the page cache cannot be dropped here)")
+                    continue
+                rt = None if None in theirs else median(theirs)
+                rows.append((f"one byte changed in a {size >> 20} MiB file ({state}): time"
+                             + (", bytes on the wire" if mine is ts else ""),
+                             f"{median(mine):.2f} s" + (f", {moved / 1024:.0f} KiB" if mine is ts else ""),
+                             "n/a" if rt is None else f"{rt:.2f} s" + (
+                                 f", {'?' if rsent is None else f'{rsent / 1024:.0f}'} KiB"
+                                 " (--no-whole-file)" if mine is ts else ""), "", ""))
+                if rt is not None:
+                    notes.append(f"one byte in {size >> 20} MiB, {state}: mybox / rsync per round "
+                                 + " ".join(f"{m / r:.2f}" for m, r in zip(mine, theirs))
+                                 + f" (mybox {' '.join(f'{m:.2f}' for m in mine)} s,"
+                                 + f" rsync {' '.join(f'{r:.2f}' for r in theirs)} s)")
         if "--skip-100k" not in ARGS and not ONLY_1G:
             n = 20000 if QUICK else 100000
             log(f"{n} files: memory")

@@ -2532,6 +2532,7 @@ impl Engine {
             }));
         }
         let last = lock(&self.last_error).clone();
+        let (md5_files, md5_bytes) = sdb.md5_pending().unwrap_or_default();
         serde_json::json!({
             "device": self.my_id.to_string(),
             "box": self.ctx.local.dir.root,
@@ -2544,6 +2545,8 @@ impl Engine {
             "on_demand": self.on_demand,
             "online_only_files": online_files,
             "online_only_bytes": online_bytes,
+            "md5_pending_files": md5_files,
+            "md5_pending_bytes": md5_bytes,
             "last_error": last.as_ref().map(|l| l.0.clone()),
             "last_error_at": last.as_ref().map(|l| l.1.clone()),
             "stats": {

@@ -254,6 +254,19 @@ impl SyncDb {
         Ok(())
     }
 
+    /// Live files whose MD5 (for the query commands) is still to be computed, and their bytes:
+    /// large files are announced after one SHA-256 pass and their MD5 filled in afterwards.
+    pub fn md5_pending(&self) -> anyhow::Result<(u64, u64)> {
+        let (files, bytes): (i64, i64) = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM files
+             WHERE deleted = 0 AND kind = 0 AND sha256 IS NOT NULL AND md5 IS NULL",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok((files as u64, bytes as u64))
+    }
+
     /// Walk this box's records (without blocks) and `peer`'s (blocks dropped) together in path
     /// order, calling `f` once per path either side has: memory stays flat however big the
     /// indexes are.
@@ -717,6 +730,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old, 0);
+    }
+
+    #[test]
+    fn files_still_without_their_md5_are_counted_until_it_is_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = crate::config::BoxDir::init(&dir.path().join("box")).unwrap();
+        let ix = crate::index::Index::open(&b).unwrap();
+        let stat = crate::hashing::StatKey {
+            size: 10,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            inode: 1,
+        };
+        let mut done = record("done", 1, 5);
+        done.md5 = Some([1; 16]);
+        ix.put(&done, None).unwrap();
+        ix.put(&record("big", 2, 10), Some(stat)).unwrap();
+        ix.put(&record("bigger", 3, 30), None).unwrap();
+        let mut gone = record("gone", 4, 70);
+        gone.deleted = true;
+        ix.put(&gone, None).unwrap();
+        let db = SyncDb::open_reader(&b).unwrap();
+        assert_eq!(db.md5_pending().unwrap(), (2, 40));
+        assert!(ix.set_md5_if(&rel("big"), stat, [2; 16]).unwrap());
+        assert_eq!(db.md5_pending().unwrap(), (1, 30));
     }
 
     #[test]
