@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::hashing::pair::sha256_each;
 use crate::identity::DeviceId;
-use crate::model::{Kind, Record, VersionVector, VvOrder};
+use crate::model::{Kind, Record, VvOrder};
 use crate::net::rpc::{Conn, Handler, Responder, RpcError};
 use crate::paths::RelPath;
 use crate::protocol::{Chunk, ErrorCode, Request, Response};
@@ -1010,15 +1010,16 @@ impl Engine {
         // indexes whole cost more memory than the rest of the daemon.
         let res = blocking(move || -> anyhow::Result<Vec<RelPath>> {
             let db = lock(&db);
-            let mine: HashMap<RelPath, VersionVector> = db
-                .local_light()?
-                .into_iter()
-                .map(|r| (r.path, r.version))
-                .collect();
+            // Both indexes walked together in path order: only the answer is held (a map of
+            // the local index first cost the sender of 100,000 files 30 MB at each connect).
             let mut out = Vec::new();
-            db.for_each_remote(&peer, |r| {
-                let newer = mine.get(&r.path).is_none_or(|v| {
-                    matches!(r.version.compare(v), VvOrder::Greater | VvOrder::Concurrent)
+            db.merge_with_remote(&peer, |mine, theirs| {
+                let Some(r) = theirs else { return };
+                let newer = mine.is_none_or(|l| {
+                    matches!(
+                        r.version.compare(&l.version),
+                        VvOrder::Greater | VvOrder::Concurrent
+                    )
                 });
                 if newer {
                     out.push(r.path);

@@ -235,14 +235,7 @@ impl SyncDb {
     }
 
     /// The local index without block lists (what `status` compares; a 100k-file index with its
-    /// blocks would cost far more memory than the answer is worth).
-    pub fn local_light(&self) -> anyhow::Result<Vec<Record>> {
-        let mut out = Vec::new();
-        self.for_each_local_light(|r| out.push(r))?;
-        Ok(out)
-    }
-
-    /// [`local_light`](Self::local_light), one record at a time.
+    /// blocks would cost far more memory than the answer is worth), one record at a time.
     pub fn for_each_local_light(&self, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
         let mut stmt = self.conn.prepare_cached(LIGHT_SQL)?;
         let mut rows = stmt.query([])?;
@@ -325,21 +318,6 @@ impl SyncDb {
                     l = next_local(&mut lrows)?;
                     r = next_remote(&mut rrows)?;
                 }
-            }
-        }
-        Ok(())
-    }
-
-    pub fn for_each_remote(&self, peer: &str, mut f: impl FnMut(Record)) -> anyhow::Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT record FROM remote_files WHERE peer = ?1")?;
-        let mut rows = stmt.query(params![peer])?;
-        while let Some(row) = rows.next()? {
-            let blob: Vec<u8> = row.get(0)?;
-            if let Ok(mut rec) = bincode::deserialize::<Record>(&blob) {
-                rec.blocks = Vec::new();
-                f(rec);
             }
         }
         Ok(())
