@@ -81,12 +81,17 @@ fn rename_reuses_local_blocks() {
     assert_eq!(after, before, "a rename moved content over the network");
 }
 
+/// `n` bytes with no repeated block (so no block of a file is found elsewhere in it).
+fn varied_bytes(n: u32) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect()
+}
+
 #[test]
 fn one_byte_change_moves_one_block() {
     let (a, b) = two_boxes();
-    let mut data: Vec<u8> = (0..8_000_000u32)
-        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
-        .collect();
+    let mut data = varied_bytes(8_000_000);
     a.write("f.bin", &data);
     wait_converged(&[&a, &b], CONVERGE);
     let before = b.status_json()["stats"]["bytes_fetched"].as_u64().unwrap();
@@ -108,9 +113,7 @@ fn one_byte_change_moves_one_block() {
 fn a_large_edit_is_built_from_a_copy_made_ahead() {
     use std::os::unix::fs::FileExt;
     let (a, b) = two_boxes();
-    let mut data: Vec<u8> = (0..70_000_000u32)
-        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
-        .collect();
+    let mut data = varied_bytes(70_000_000);
     a.write("big.bin", &data);
     wait_converged(&[&a, &b], CONVERGE);
     let stat = |t: &TestBox, k: &str| t.status_json()["stats"][k].as_u64().unwrap();
