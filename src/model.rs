@@ -153,6 +153,12 @@ impl Record {
         self.kind != Kind::File || self.sha256.is_some()
     }
 
+    /// A live file synced on its SHA-256 whose MD5 (for the query commands) is still to be
+    /// computed: large files are announced after one pass and their MD5 filled in afterwards.
+    pub fn md5_pending(&self) -> bool {
+        self.kind == Kind::File && !self.deleted && self.sha256.is_some() && self.md5.is_none()
+    }
+
     /// Same content and metadata (what a conflict check calls "identical").
     pub fn same_content(&self, other: &Record) -> bool {
         self.kind == other.kind

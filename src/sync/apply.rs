@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -228,6 +228,8 @@ pub struct Building {
     pub copied_ahead: u64,
     /// Size, mode and mtime set and content checked ([`Applier::seal`]) ahead of the finisher.
     sealed: bool,
+    /// The temp file's inode, read when it is sealed (the watcher is told it before the link).
+    ino: Option<u64>,
     /// One bit per block: written here after its SHA-256 was checked against the record. When
     /// every bit is set the file is exactly the record's blocks and sealing need not read it
     /// back; blocks cloned from the previous version (trusted from the index) leave theirs clear.
@@ -352,6 +354,8 @@ struct FinishItem {
     guard: TempGuard,
     /// The open unnamed temp file, to be linked into place.
     unnamed: Option<File>,
+    /// Its inode, if known from sealing.
+    ino: Option<u64>,
     expected: Option<Record>,
     to_scan: Vec<RelPath>,
     stat: Option<StatKey>,
@@ -709,7 +713,10 @@ impl Applier {
                 .read(true)
                 .write(true)
                 .custom_flags(libc::O_TMPFILE)
-                .mode(0o600)
+                // Made with the file's own permissions where they include the owner's read and
+                // write (most files), so sealing need not change them: unnamed, the file is
+                // reachable only through this descriptor until it is linked, with these bits.
+                .mode((rec.mode & 0o777) | 0o600)
                 .open(&self.tmp)
                 .ok()
         } else {
@@ -844,6 +851,7 @@ impl Applier {
             reused,
             copied_ahead: copied_ahead_bytes,
             sealed: false,
+            ino: None,
             checked,
             previous: previous_file,
             direct: None,
@@ -868,8 +876,14 @@ impl Applier {
         if !checked {
             file.set_len(rec.size).map_err(|e| ctx_err(path, e))?;
         }
-        file.set_permissions(std::fs::Permissions::from_mode(rec.mode & 0o7777))
-            .map_err(|e| ctx_err(path, e))?;
+        // One fstat tells whether the mode is already right (an unnamed temp file made with it,
+        // the umask permitting; writes clear set-id bits) and gives the inode for the link.
+        let md = file.metadata().map_err(|e| ctx_err(path, e))?;
+        if md.mode() & 0o7777 != rec.mode & 0o7777 {
+            file.set_permissions(std::fs::Permissions::from_mode(rec.mode & 0o7777))
+                .map_err(|e| ctx_err(path, e))?;
+        }
+        b.ino = Some(md.ino());
         let mtime = filetime::FileTime::from_unix_time(
             rec.mtime_ns.div_euclid(1_000_000_000),
             rec.mtime_ns.rem_euclid(1_000_000_000) as u32,
@@ -939,7 +953,7 @@ impl Applier {
             return Ok(());
         }
         let f = unnamed.ok_or_else(|| ApplyError::Other(format!("{path}: temp file vanished")))?;
-        match self.link_announced(f, path, full) {
+        match self.link_announced(f, None, path, full) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let t = self
@@ -957,8 +971,14 @@ impl Applier {
 
     /// Link the unnamed temp file `f` at `full`, where nothing may be: something there already
     /// is a local change.
-    fn link_new(&self, f: &File, path: &RelPath, full: &Path) -> Result<(), ApplyError> {
-        self.link_announced(f, path, full)
+    fn link_new(
+        &self,
+        f: &File,
+        ino: Option<u64>,
+        path: &RelPath,
+        full: &Path,
+    ) -> Result<(), ApplyError> {
+        self.link_announced(f, ino, path, full)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::AlreadyExists => ApplyError::LocalChange(path.clone()),
                 _ => ctx_err(path, e),
@@ -966,9 +986,15 @@ impl Applier {
     }
 
     /// Link `f` at `full`, announced to the watcher first (which then drops the link's event).
-    fn link_announced(&self, f: &File, path: &RelPath, full: &Path) -> io::Result<()> {
-        if let Ok(md) = f.metadata() {
-            self.own_creates.expect(path, md.ino());
+    fn link_announced(
+        &self,
+        f: &File,
+        ino: Option<u64>,
+        path: &RelPath,
+        full: &Path,
+    ) -> io::Result<()> {
+        if let Some(ino) = ino.or_else(|| f.metadata().ok().map(|md| md.ino())) {
+            self.own_creates.expect(path, ino);
         }
         let linked = link_unnamed(f, full);
         if linked.is_err() {
@@ -1050,6 +1076,7 @@ impl Applier {
                     rec: b.rec,
                     guard: b.guard,
                     unnamed: b.anonymous.then_some(b.file),
+                    ino: b.ino,
                     expected,
                     to_scan: Vec::new(),
                     stat: None,
@@ -1092,7 +1119,7 @@ impl Applier {
         match (cur.filter(|s| !s.record.deleted), it.unnamed.as_ref()) {
             // Nothing may be at the path (anything there is a local creation not scanned yet):
             // the link checks that itself, atomically.
-            (None, Some(f)) => self.link_new(f, path, full)?,
+            (None, Some(f)) => self.link_new(f, it.ino, path, full)?,
             _ => {
                 let md = lstat(full).map_err(|e| ctx_err(path, e))?;
                 if !self.md_matches(full, md.as_ref(), cur) {
@@ -1573,23 +1600,29 @@ fn link_unnamed(f: &File, to: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let to_c = CString::new(to.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: valid descriptor and NUL-terminated strings for the duration of the calls.
     // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it, the /proc link of the descriptor
-    // followed does the same.
+    // followed does the same. Once it is seen refused (ENOENT where the /proc link works), it is
+    // not tried again: a daemon not run as root would otherwise make two calls per file.
+    static EMPTY_PATH_REFUSED: AtomicBool = AtomicBool::new(false);
+    let mut refused_now = false;
+    // SAFETY: valid descriptor and NUL-terminated strings for the duration of the calls.
     unsafe {
-        if libc::linkat(
-            f.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        ) == 0
-        {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
+        if !EMPTY_PATH_REFUSED.load(Ordering::Relaxed) {
+            if libc::linkat(
+                f.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            ) == 0
+            {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+            refused_now = true;
         }
         let proc_c = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
@@ -1601,6 +1634,10 @@ fn link_unnamed(f: &File, to: &Path) -> io::Result<()> {
             libc::AT_SYMLINK_FOLLOW,
         ) == 0
         {
+            // (An ENOENT for a missing parent fails here too, and proves nothing.)
+            if refused_now {
+                EMPTY_PATH_REFUSED.store(true, Ordering::Relaxed);
+            }
             Ok(())
         } else {
             Err(io::Error::last_os_error())
@@ -2185,6 +2222,38 @@ mod tests {
         // Nothing was left in the temp folder.
         let left = std::fs::read_dir(&ap.tmp).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn every_mode_arrives_exact_whether_or_not_the_temp_file_was_made_with_it() {
+        let (_dir, ap) = applier();
+        // Made with its own bits (0o644, 0o600, 0o755); without the owner's write (0o444) or
+        // read (0o200), with set-id and sticky bits, and with bits the umask takes away (0o666):
+        // changed when sealed.
+        let modes = [
+            0o644, 0o600, 0o755, 0o444, 0o200, 0o4755, 0o2750, 0o1777, 0o666, 0o000,
+        ];
+        let batch: Vec<_> = modes
+            .iter()
+            .map(|m| {
+                let mut version = crate::model::VersionVector::new();
+                version.bump(7);
+                let path = format!("m{m:o}");
+                let mut rec = record_of(&path, path.as_bytes(), version);
+                rec.mode = *m;
+                let mut b = ap.prepare_files(&[(&rec, false)]).pop().unwrap().unwrap();
+                b.write_block(0, path.as_bytes()).unwrap();
+                ap.seal(&mut b).unwrap();
+                (b, None)
+            })
+            .collect();
+        let (_, durable) = ap.place_files(DurableBatch::default(), ap.seal_files(batch));
+        let (done, _) = ap.place_files(durable, SealedBatch::default());
+        assert!(done.iter().all(|(_, r)| r.is_ok()), "{done:?}");
+        for m in modes {
+            let md = std::fs::symlink_metadata(ap.root.join(format!("m{m:o}"))).unwrap();
+            assert_eq!(md.permissions().mode() & 0o7777, m, "mode {m:o}");
+        }
     }
 
     #[test]

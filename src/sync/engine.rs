@@ -2416,11 +2416,18 @@ impl Engine {
         // Streams over both indexes (merge by path): a status poll must not cost memory in
         // proportion to the number of files.
         let (mut files, mut conflicts) = (0u64, 0u64);
+        // MD5s still to compute are counted in the same pass (a query of their own was a
+        // second scan of the index, 15 % of a status at 10,000 files).
+        let (mut md5_files, mut md5_bytes) = (0u64, 0u64);
         let mut count_local = |r: &Record| {
             if !r.deleted {
                 files += 1;
                 if planner::is_conflict_copy(&r.path) {
                     conflicts += 1;
+                }
+                if r.md5_pending() {
+                    md5_files += 1;
+                    md5_bytes += r.size;
                 }
             }
         };
@@ -2533,7 +2540,6 @@ impl Engine {
             }));
         }
         let last = lock(&self.last_error).clone();
-        let (md5_files, md5_bytes) = sdb.md5_pending().unwrap_or_default();
         serde_json::json!({
             "device": self.my_id.to_string(),
             "box": self.ctx.local.dir.root,
