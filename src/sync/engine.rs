@@ -2417,7 +2417,7 @@ impl Engine {
         // proportion to the number of files.
         let (mut files, mut conflicts) = (0u64, 0u64);
         // MD5s still to compute are counted in the same pass (a query of their own was a
-        // second scan of the index, 15 % of a status at 10,000 files).
+        // second scan of the index: 4-7 ms of the 40-60 ms status that ends a 10,000-file sync).
         let (mut md5_files, mut md5_bytes) = (0u64, 0u64);
         let mut count_local = |r: &Record| {
             if !r.deleted {
